@@ -1,0 +1,1 @@
+//! corepush placeholder
