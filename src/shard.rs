@@ -1,0 +1,424 @@
+//! A shard: one glommio executor pinned to one core, owning everything its
+//! connections need. Nothing here is shared with another thread except the
+//! inbox (a lock-free queue) and the counters (written only here).
+//!
+//! Four kinds of task run on a shard:
+//! - the accept loop, on the shard's own SO_REUSEPORT listener;
+//! - one task per connection (`connection::serve`);
+//! - the inbox loop, which handles what other shards and threads send;
+//! - the sweeper, which enforces deadlines and sends pings for all the
+//!   shard's connections in one pass, so no connection owns a timer.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::AsyncReadExt;
+use glommio::net::{TcpListener, UnixStream};
+use glommio::task::JoinHandle;
+use smallvec::SmallVec;
+use tracing::{debug, warn};
+
+use crate::config::Config;
+use crate::connection::{self, ConnState, Kill, Phase};
+use crate::frame::{self, Frame, Opcode};
+use crate::limits;
+use crate::router::{InboxReceiver, Origin, Router, ShardId, ShardMsg};
+use crate::slab::{Key, Slab};
+use crate::stats::{Counter, ShardStats};
+use crate::uid_table::UidTable;
+
+/// Size of the read buffer shared by a shard's connections.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
+/// Inbox messages handled before the inbox loop yields to other tasks.
+const INBOX_BATCH: usize = 256;
+
+pub struct Shard {
+    pub id: ShardId,
+    pub config: Arc<Config>,
+    pub stats: Arc<ShardStats>,
+    router: Router,
+    inbox: InboxReceiver,
+    conns: RefCell<Slab<ConnState>>,
+    uids: RefCell<UidTable>,
+    /// The read buffer every connection of this shard reads into, taken for
+    /// the duration of one read and its processing.
+    scratch: RefCell<Vec<u8>>,
+    /// One encoded empty Ping, shared by every connection the sweeper pings.
+    ping: Frame,
+    /// When the shard started; the shard clock counts ms from here.
+    epoch: Instant,
+    /// The shard clock, refreshed by the sweeper and by each inbox wake-up.
+    /// Connections read it instead of the system clock.
+    now_ms: Cell<u64>,
+    /// The accept loop, cancelled at shutdown (which closes the listener).
+    accept_task: RefCell<Option<JoinHandle<()>>>,
+}
+
+impl Shard {
+    pub fn new(
+        id: ShardId,
+        config: Arc<Config>,
+        router: Router,
+        inbox: InboxReceiver,
+        stats: Arc<ShardStats>,
+    ) -> Shard {
+        let shards = router.shards();
+        Shard {
+            id,
+            config,
+            stats,
+            router,
+            inbox,
+            conns: RefCell::new(Slab::default()),
+            uids: RefCell::new(UidTable::new(shards)),
+            scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
+            ping: frame::encode(Opcode::Ping, &[]),
+            epoch: Instant::now(),
+            now_ms: Cell::new(0),
+            accept_task: RefCell::new(None),
+        }
+    }
+
+    /// Runs the shard until it has been told to shut down and every
+    /// connection is gone.
+    pub async fn run(self: Rc<Self>, listener: TcpListener, wake: UnixStream) {
+        let accept = glommio::spawn_local(accept_loop(self.clone(), listener)).detach();
+        *self.accept_task.borrow_mut() = Some(accept);
+        glommio::spawn_local(sweep_loop(self.clone())).detach();
+        self.inbox_loop(wake).await;
+        while !self.conns.borrow().is_empty() {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    // ---- the shard clock and shared buffers ----
+
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms.get()
+    }
+
+    fn tick(&self) -> u64 {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.now_ms.set(now);
+        now
+    }
+
+    pub fn login_timeout_ms(&self) -> u64 {
+        self.config.login_timeout_ms.as_millis() as u64
+    }
+
+    pub fn close_timeout_ms(&self) -> u64 {
+        self.config.close_timeout_ms.as_millis() as u64
+    }
+
+    pub fn take_scratch(&self) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut *self.scratch.borrow_mut());
+        if buf.is_empty() {
+            buf = vec![0; SCRATCH_BYTES]; // only if a read ever nests
+        }
+        buf
+    }
+
+    pub fn put_scratch(&self, buf: Vec<u8>) {
+        *self.scratch.borrow_mut() = buf;
+    }
+
+    /// Runs `f` on a connection's state. The connection's own task calls
+    /// this only for its own key, which exists until `forget`.
+    pub fn with_conn<R>(&self, key: Key, f: impl FnOnce(&mut ConnState) -> R) -> R {
+        let mut conns = self.conns.borrow_mut();
+        f(conns.get_mut(key).expect("a connection's state outlives its task"))
+    }
+
+    // ---- connections arriving and leaving ----
+
+    fn open(self: &Rc<Self>, stream: glommio::net::TcpStream) {
+        use std::os::fd::AsRawFd;
+        let _ = stream.set_nodelay(true);
+        let now = self.tick();
+        let deadline = now + self.config.handshake_timeout_ms.as_millis() as u64;
+        let state = ConnState::new(stream.as_raw_fd(), now, deadline);
+        let key = self.conns.borrow_mut().insert(state);
+        self.stats.inc(Counter::Accepted);
+        self.stats.inc(Counter::Connections);
+        glommio::spawn_local(connection::serve(self.clone(), key, stream)).detach();
+    }
+
+    /// Removes a finished connection: its uid entry, then its slot.
+    pub fn forget(&self, key: Key) {
+        self.logout(key);
+        self.conns.borrow_mut().remove(key);
+        self.stats.dec(Counter::Connections);
+    }
+
+    /// Records a login: the local uid table now lists the connection, and
+    /// the uid's home learns of this shard if it is the uid's first here.
+    pub fn login(&self, key: Key, uid: &str) {
+        let home = self.router.home_of(uid);
+        let (uid, first) = self.uids.borrow_mut().add_local(uid, home, key);
+        self.with_conn(key, |c| {
+            c.uid = Some(uid.clone());
+            c.phase = Phase::Open;
+            c.deadline_ms = u64::MAX;
+        });
+        self.stats.inc(Counter::Logins);
+        self.stats.inc(Counter::LoggedIn);
+        if first {
+            self.stats.inc(Counter::LocalUids);
+            self.dispatch(home, ShardMsg::Register { uid, host: self.id });
+        }
+    }
+
+    /// Takes a connection out of the uid tables (once; later calls do nothing).
+    pub fn logout(&self, key: Key) {
+        let Some(uid) = self.with_conn(key, |c| c.uid.take()) else {
+            return;
+        };
+        self.stats.dec(Counter::LoggedIn);
+        let home = self.router.home_of(&uid);
+        let last = self.uids.borrow_mut().remove_local(&uid, home, key);
+        if last {
+            self.stats.dec(Counter::LocalUids);
+            self.dispatch(home, ShardMsg::Unregister { uid, host: self.id });
+        }
+    }
+
+    // ---- messages leaving a connection ----
+
+    pub fn send_to_uid(&self, uid: &str, frame: Frame) {
+        let home = self.router.home_of(uid);
+        let origin = Some(self.id);
+        let uid = Arc::from(uid);
+        self.dispatch(home, ShardMsg::ToUid { uid, frame, origin });
+    }
+
+    pub fn broadcast(&self, frame: Frame) {
+        self.stats.inc(Counter::Broadcasts);
+        let origin = Some(self.id);
+        for home in 0..self.router.shards() as ShardId {
+            let frame = frame.clone();
+            self.dispatch(home, ShardMsg::Broadcast { frame, origin });
+        }
+    }
+
+    /// Hands `msg` to shard `to`. For this shard itself it is handled at once
+    /// when the inbox is empty; otherwise it queues behind what is there, so
+    /// the order in which messages reach a shard is the order they were sent.
+    fn dispatch(&self, to: ShardId, msg: ShardMsg) {
+        if to == self.id && self.inbox.is_empty() {
+            self.handle(msg);
+            return;
+        }
+        if to != self.id {
+            self.stats.inc(Counter::CrossShardSent);
+        }
+        self.router.send(to, msg);
+    }
+
+    // ---- messages arriving at the shard ----
+
+    async fn inbox_loop(&self, mut wake: UnixStream) {
+        let mut bell = [0u8; 64];
+        loop {
+            let mut handled = 0;
+            while let Some(msg) = self.inbox.try_recv() {
+                self.stats.inc(Counter::InboxReceived);
+                if let ShardMsg::Shutdown = msg {
+                    self.shut_down();
+                    return;
+                }
+                self.handle(msg);
+                handled += 1;
+                if handled % INBOX_BATCH == 0 {
+                    glommio::yield_if_needed().await;
+                }
+            }
+            if self.inbox.arm() {
+                let _ = wake.read(&mut bell).await;
+                self.tick();
+            }
+        }
+    }
+
+    fn handle(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Register { uid, host } => {
+                if self.uids.borrow_mut().register_host(uid, host) {
+                    self.stats.inc(Counter::DirectoryUids);
+                }
+            }
+            ShardMsg::Unregister { uid, host } => {
+                if self.uids.borrow_mut().unregister_host(&uid, host) {
+                    self.stats.dec(Counter::DirectoryUids);
+                }
+            }
+            ShardMsg::ToUid { uid, frame, origin } => {
+                let hosts: SmallVec<[ShardId; 4]> = self.uids.borrow().hosts(&uid).into();
+                if hosts.is_empty() {
+                    self.stats.inc(Counter::NoRecipient);
+                }
+                for host in hosts {
+                    if host == self.id {
+                        self.deliver_to_uid(&uid, &frame, origin);
+                    } else {
+                        self.stats.inc(Counter::CrossShardSent);
+                        let (uid, frame) = (uid.clone(), frame.clone());
+                        self.router
+                            .send(host, ShardMsg::Deliver { uid, frame, origin });
+                    }
+                }
+            }
+            ShardMsg::Deliver { uid, frame, origin } => self.deliver_to_uid(&uid, &frame, origin),
+            ShardMsg::Broadcast { frame, origin } => {
+                for host in 0..self.router.shards() as ShardId {
+                    if host == self.id {
+                        self.deliver_to_home(self.id, &frame, origin);
+                    } else {
+                        self.stats.inc(Counter::CrossShardSent);
+                        let (home, frame) = (self.id, frame.clone());
+                        self.router
+                            .send(host, ShardMsg::BroadcastPart { home, frame, origin });
+                    }
+                }
+            }
+            ShardMsg::BroadcastPart {
+                home,
+                frame,
+                origin,
+            } => self.deliver_to_home(home, &frame, origin),
+            ShardMsg::Shutdown => self.shut_down(),
+        }
+    }
+
+    /// Delivers to this shard's connections of `uid`.
+    fn deliver_to_uid(&self, uid: &str, frame: &Frame, origin: Origin) {
+        let home = self.router.home_of(uid);
+        let uids = self.uids.borrow();
+        self.deliver(uids.local(uid, home).iter().copied(), frame, origin);
+    }
+
+    /// Delivers to this shard's connections whose uid is homed at `home`.
+    fn deliver_to_home(&self, home: ShardId, frame: &Frame, origin: Origin) {
+        let uids = self.uids.borrow();
+        self.deliver(uids.local_by_home(home), frame, origin);
+    }
+
+    fn deliver(&self, keys: impl Iterator<Item = Key>, frame: &Frame, origin: Origin) {
+        let limit = self.config.max_outbound_bytes;
+        let mut conns = self.conns.borrow_mut();
+        let (mut delivered, mut queued) = (0, 0);
+        for key in keys {
+            if let Some(conn) = conns.get_mut(key) {
+                if conn.deliver(frame, limit) {
+                    delivered += 1;
+                    if conn.queued_bytes() > 0 {
+                        queued += 1;
+                    }
+                }
+            }
+        }
+        let counter = if origin == Some(self.id) {
+            Counter::DeliveredSameShard
+        } else {
+            Counter::DeliveredCrossShard
+        };
+        self.stats.add(counter, delivered);
+        self.stats.add(Counter::FramesQueued, queued);
+    }
+
+    // ---- deadlines and shutdown ----
+
+    /// One pass over every connection: phase deadlines, idle timeouts, pings.
+    fn sweep(&self) {
+        let now = self.tick();
+        let ping_after = self.config.ping_interval_ms.as_millis() as u64;
+        let idle_after = self.config.idle_timeout_ms.as_millis() as u64;
+        let limit = self.config.max_outbound_bytes;
+        for (_, conn) in self.conns.borrow_mut().iter_mut() {
+            if conn.kill.is_some() {
+                continue;
+            }
+            let kill = match conn.phase {
+                Phase::Handshake | Phase::Login if now >= conn.deadline_ms => Some(Kill::Timeout),
+                Phase::Closing if now >= conn.deadline_ms => Some(Kill::Drop),
+                Phase::Open if now.saturating_sub(conn.last_rx_ms) >= idle_after => {
+                    Some(Kill::Timeout)
+                }
+                Phase::Open if now.saturating_sub(conn.last_rx_ms) >= ping_after => {
+                    if !conn.ping_sent {
+                        conn.ping_sent = true;
+                        conn.write(&self.ping, limit);
+                    }
+                    None
+                }
+                _ => None,
+            };
+            if let Some(kill) = kill {
+                conn.kill = Some(kill);
+                if let Some(waker) = &conn.waker {
+                    waker.wake_by_ref();
+                }
+            }
+        }
+    }
+
+    /// Stops accepting and asks every connection to close with 1001.
+    fn shut_down(&self) {
+        if let Some(accept) = self.accept_task.borrow_mut().take() {
+            accept.cancel();
+        }
+        for (_, conn) in self.conns.borrow_mut().iter_mut() {
+            if conn.kill.is_none() {
+                conn.kill = Some(Kill::Shutdown);
+            }
+            if let Some(waker) = &conn.waker {
+                waker.wake_by_ref();
+            }
+        }
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let mut last_warning: Option<Instant> = None;
+    let mut failures_since_warning = 0u64;
+    loop {
+        match listener.accept().await {
+            Ok(stream) => shard.open(stream),
+            Err(e) => {
+                let e = std::io::Error::from(e);
+                if !limits::is_fd_exhaustion(&e) {
+                    debug!(shard = shard.id, error = %e, "accept failed");
+                    continue;
+                }
+                // Out of descriptors: keep serving the connections we have,
+                // retry shortly, and say so at most every 5 seconds.
+                shard.stats.inc(Counter::AcceptFdExhausted);
+                failures_since_warning += 1;
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    warn!(
+                        shard = shard.id,
+                        error = %e,
+                        failures = failures_since_warning,
+                        connections = shard.conns.borrow().len(),
+                        "cannot accept: out of file descriptors; raise `ulimit -n` \
+                         (systemd: LimitNOFILE=) to hold more connections"
+                    );
+                    last_warning = Some(Instant::now());
+                    failures_since_warning = 0;
+                }
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn sweep_loop(shard: Rc<Shard>) {
+    let every = shard.config.sweep_interval();
+    loop {
+        glommio::timer::sleep(every).await;
+        shard.sweep();
+    }
+}

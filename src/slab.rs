@@ -1,0 +1,145 @@
+//! A single-threaded generational slab: the shard's connection table.
+//!
+//! A [`Key`] names one slot *and* the generation it was issued for, so a key
+//! kept past the connection's end (in a uid table, a queued delivery, a timer
+//! sweep) never reaches a later connection that reused the slot: `get` checks
+//! the generation and answers `None`. The shard is the only thread that
+//! touches its slab, so nothing here is atomic (see docs/decisions.md for why
+//! sharded-slab is not used).
+
+/// Names one value in a [`Slab`]: a slot index and that slot's generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    index: u32,
+    generation: u32,
+}
+
+struct Slot<T> {
+    /// Bumped every time the slot is freed, so stale keys stop matching.
+    generation: u32,
+    value: Option<T>,
+}
+
+pub struct Slab<T> {
+    slots: Vec<Slot<T>>,
+    /// Indices of empty slots, reused last-freed first (warm in cache).
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl<T> Default for Slab<T> {
+    fn default() -> Self {
+        Slab {
+            slots: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> Slab<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Stores `value` and returns its key. `make` receives the key first, for
+    /// values that need to know their own key.
+    pub fn insert_with(&mut self, make: impl FnOnce(Key) -> T) -> Key {
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    value: None,
+                });
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slot = &mut self.slots[index as usize];
+        let key = Key {
+            index,
+            generation: slot.generation,
+        };
+        slot.value = Some(make(key));
+        self.len += 1;
+        key
+    }
+
+    pub fn insert(&mut self, value: T) -> Key {
+        self.insert_with(|_| value)
+    }
+
+    pub fn get(&self, key: Key) -> Option<&T> {
+        let slot = self.slots.get(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        slot.value.as_ref()
+    }
+
+    pub fn get_mut(&mut self, key: Key) -> Option<&mut T> {
+        let slot = self.slots.get_mut(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        slot.value.as_mut()
+    }
+
+    pub fn remove(&mut self, key: Key) -> Option<T> {
+        let slot = self.slots.get_mut(key.index as usize)?;
+        if slot.generation != key.generation {
+            return None;
+        }
+        let value = slot.value.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(key.index);
+        self.len -= 1;
+        Some(value)
+    }
+
+    /// Every live value, with its key.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (Key, &mut T)> {
+        self.slots.iter_mut().enumerate().filter_map(|(i, slot)| {
+            let key = Key {
+                index: i as u32,
+                generation: slot.generation,
+            };
+            slot.value.as_mut().map(|v| (key, v))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_key_never_reaches_a_reused_slot() {
+        let mut slab = Slab::default();
+        let first = slab.insert("first");
+        assert_eq!(slab.remove(first), Some("first"));
+        let second = slab.insert("second");
+        assert_eq!(first.index, second.index, "the slot is reused");
+        assert_eq!(slab.get(first), None);
+        assert_eq!(slab.remove(first), None);
+        assert_eq!(slab.get(second), Some(&"second"));
+        assert_eq!(slab.len(), 1);
+    }
+
+    #[test]
+    fn insert_with_sees_its_key_and_iter_lists_live_values() {
+        let mut slab = Slab::default();
+        let a = slab.insert_with(|k| k);
+        let b = slab.insert_with(|k| k);
+        slab.remove(a);
+        let live: Vec<_> = slab.iter_mut().map(|(k, v)| (k, *v)).collect();
+        assert_eq!(live, vec![(b, b)]);
+        assert!(!slab.is_empty());
+        slab.remove(b);
+        assert!(slab.is_empty());
+    }
+}

@@ -1,0 +1,178 @@
+//! Per-shard counters.
+//!
+//! Each shard owns one [`ShardStats`] and is its only writer, so a counter is
+//! bumped with a plain load and store (no locked instruction, no contended
+//! cache line). Any thread may read them at any time (tests, the log, and
+//! later the `/stats` and `/metrics` endpoints) through a [`Snapshot`].
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Every counter a shard keeps. Gauges go up and down; the rest only go up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// Gauge: connections this shard holds, in any phase.
+    Connections,
+    /// Gauge: connections that have logged in and not yet closed.
+    LoggedIn,
+    /// Gauge: distinct uids with a connection on this shard.
+    LocalUids,
+    /// Gauge: uids whose home is this shard and that have a connection somewhere.
+    DirectoryUids,
+    Accepted,
+    /// accept() failed because the process or system ran out of descriptors.
+    AcceptFdExhausted,
+    HandshakeFailed,
+    Logins,
+    LoginRefused,
+    /// Data messages received from logged-in clients.
+    MessagesIn,
+    /// Sends answered with `error: ...`.
+    SendErrors,
+    /// Sends to a uid with no connection anywhere (counted at its home shard).
+    NoRecipient,
+    Broadcasts,
+    /// Frames handed to a recipient whose sender lives on this same shard.
+    DeliveredSameShard,
+    /// Frames handed to a recipient whose sender lives on another shard (or
+    /// outside the shards, such as the later HTTP API).
+    DeliveredCrossShard,
+    /// Messages this shard put on another shard's inbox.
+    CrossShardSent,
+    /// Messages taken from this shard's inbox.
+    InboxReceived,
+    /// Connections closed for not reading (outbound queue over its limit).
+    SlowConsumers,
+    /// Connections closed by a timeout (handshake, login, idle).
+    Timeouts,
+    /// Connections closed for a framing or protocol violation.
+    ProtocolErrors,
+    /// Frames that had to wait in user space because a socket was full.
+    FramesQueued,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 21] = [
+        Counter::Connections,
+        Counter::LoggedIn,
+        Counter::LocalUids,
+        Counter::DirectoryUids,
+        Counter::Accepted,
+        Counter::AcceptFdExhausted,
+        Counter::HandshakeFailed,
+        Counter::Logins,
+        Counter::LoginRefused,
+        Counter::MessagesIn,
+        Counter::SendErrors,
+        Counter::NoRecipient,
+        Counter::Broadcasts,
+        Counter::DeliveredSameShard,
+        Counter::DeliveredCrossShard,
+        Counter::CrossShardSent,
+        Counter::InboxReceived,
+        Counter::SlowConsumers,
+        Counter::Timeouts,
+        Counter::ProtocolErrors,
+        Counter::FramesQueued,
+    ];
+
+    /// The name used in logs and, later, in `/stats` and `/metrics`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::Connections => "connections",
+            Counter::LoggedIn => "logged_in",
+            Counter::LocalUids => "local_uids",
+            Counter::DirectoryUids => "directory_uids",
+            Counter::Accepted => "accepted",
+            Counter::AcceptFdExhausted => "accept_fd_exhausted",
+            Counter::HandshakeFailed => "handshake_failed",
+            Counter::Logins => "logins",
+            Counter::LoginRefused => "login_refused",
+            Counter::MessagesIn => "messages_in",
+            Counter::SendErrors => "send_errors",
+            Counter::NoRecipient => "no_recipient",
+            Counter::Broadcasts => "broadcasts",
+            Counter::DeliveredSameShard => "delivered_same_shard",
+            Counter::DeliveredCrossShard => "delivered_cross_shard",
+            Counter::CrossShardSent => "cross_shard_sent",
+            Counter::InboxReceived => "inbox_received",
+            Counter::SlowConsumers => "slow_consumers",
+            Counter::Timeouts => "timeouts",
+            Counter::ProtocolErrors => "protocol_errors",
+            Counter::FramesQueued => "frames_queued",
+        }
+    }
+}
+
+/// One shard's counters, indexed by [`Counter`].
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    values: [AtomicU64; Counter::ALL.len()],
+}
+
+impl ShardStats {
+    /// Adds `n` (wrapping, so `u64::MAX` subtracts one). Only the owning
+    /// shard calls this, so a load and a store are enough.
+    pub fn add(&self, counter: Counter, n: u64) {
+        let cell = &self.values[counter as usize];
+        cell.store(cell.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    pub fn inc(&self, counter: Counter) {
+        self.add(counter, 1);
+    }
+
+    pub fn dec(&self, counter: Counter) {
+        self.add(counter, u64::MAX);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            values: std::array::from_fn(|i| self.values[i].load(Relaxed)),
+        }
+    }
+}
+
+/// A copy of every counter, for one shard or summed over shards.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    values: [u64; Counter::ALL.len()],
+}
+
+impl Snapshot {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.values[counter as usize]
+    }
+
+    /// Counter-by-counter sum, for a whole-server view.
+    pub fn sum<'a>(shards: impl IntoIterator<Item = &'a Snapshot>) -> Snapshot {
+        let mut total = Snapshot::default();
+        for shard in shards {
+            for (t, v) in total.values.iter_mut().zip(shard.values) {
+                *t += v;
+            }
+        }
+        total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_names_line_up() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{} is out of place", c.name());
+        }
+        let s = ShardStats::default();
+        s.inc(Counter::Logins);
+        s.inc(Counter::LoggedIn);
+        s.inc(Counter::LoggedIn);
+        s.dec(Counter::LoggedIn);
+        let snap = s.snapshot();
+        assert_eq!(snap.get(Counter::Logins), 1);
+        assert_eq!(snap.get(Counter::LoggedIn), 1);
+        let total = Snapshot::sum([&snap, &snap]);
+        assert_eq!(total.get(Counter::Logins), 2);
+    }
+}
