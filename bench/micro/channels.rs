@@ -385,7 +385,7 @@ fn wait_turn(turn: &AtomicU64, k: u64) {
     let mut spins = 0u32;
     while turn.load(Ordering::Acquire) != k {
         spins += 1;
-        if spins % 64 == 0 {
+        if spins.is_multiple_of(64) {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();
