@@ -130,7 +130,9 @@ impl Clients {
 
     fn report_if_empty(self) -> Clients {
         if self.socks.is_empty() {
-            emit(json!({"ev": "calib_connect_done", "ok": 0, "failed": 0, "t0": self.t0, "last_ns": self.t0}));
+            emit(
+                json!({"ev": "calib_connect_done", "ok": 0, "failed": 0, "t0": self.t0, "last_ns": self.t0}),
+            );
         }
         self
     }
@@ -180,8 +182,10 @@ impl Clients {
         }
         if !self.connect_reported && self.next == self.socks.len() && self.inflight == 0 {
             self.connect_reported = true;
-            emit(json!({"ev": "calib_connect_done", "ok": self.ok, "failed": self.failed,
-                "t0": self.t0, "last_ns": self.last_ns}));
+            emit(
+                json!({"ev": "calib_connect_done", "ok": self.ok, "failed": self.failed,
+                "t0": self.t0, "last_ns": self.last_ns}),
+            );
         }
         while self.ow_sent < self.ow_count {
             let due = self.ow_start + (self.ow_sent as f64 * self.ow_interval) as u64;
@@ -412,7 +416,9 @@ impl Sink {
             let s = &mut self.socks[idx];
             if (s.hello as usize) < HELLO {
                 s.hello += 1;
-                if s.hello as usize == HELLO && sys::write(s.fd, b"calib-hello-echo").map_or(true, |w| w != HELLO) {
+                if s.hello as usize == HELLO
+                    && sys::write(s.fd, b"calib-hello-echo").map_or(true, |w| w != HELLO)
+                {
                     self.short_writes += 1;
                 }
                 continue;
@@ -502,10 +508,24 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
         Duration::from_secs(120),
         Some(&mut || sink.poll(2)),
     );
-    let ok: u64 = done.iter().map(|(_, v)| v["ok"].as_u64().unwrap_or(0)).sum();
-    let failed: u64 = done.iter().map(|(_, v)| v["failed"].as_u64().unwrap_or(0)).sum();
-    let t0 = done.iter().filter_map(|(_, v)| v["t0"].as_u64()).min().unwrap_or(0);
-    let last = done.iter().filter_map(|(_, v)| v["last_ns"].as_u64()).max().unwrap_or(0);
+    let ok: u64 = done
+        .iter()
+        .map(|(_, v)| v["ok"].as_u64().unwrap_or(0))
+        .sum();
+    let failed: u64 = done
+        .iter()
+        .map(|(_, v)| v["failed"].as_u64().unwrap_or(0))
+        .sum();
+    let t0 = done
+        .iter()
+        .filter_map(|(_, v)| v["t0"].as_u64())
+        .min()
+        .unwrap_or(0);
+    let last = done
+        .iter()
+        .filter_map(|(_, v)| v["last_ns"].as_u64())
+        .max()
+        .unwrap_or(0);
     let connect_per_sec = if last > t0 {
         ok as f64 / ((last - t0) as f64 / 1e9)
     } else {
@@ -518,16 +538,19 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
         }
         sink.poll(10);
     }
-    eprintln!(
-        "calibrate: {ok} bare TCP connections ({failed} failed) at {connect_per_sec:.0}/s"
-    );
+    eprintln!("calibrate: {ok} bare TCP connections ({failed} failed) at {connect_per_sec:.0}/s");
 
     // (a) fanout floor.
     let mut fanout = Vec::new();
     let mut send_loop = Vec::new();
     for round in 0..plan.rounds {
         workers.send_all(&json!({"cmd": "calib_fanout", "round": round}));
-        workers.wait_for(|v| v["ev"] == "calib_armed", k, Duration::from_secs(10), None);
+        workers.wait_for(
+            |v| v["ev"] == "calib_armed",
+            k,
+            Duration::from_secs(10),
+            None,
+        );
         let (start, end) = sink.fanout(round);
         let done = workers.wait_for(
             |v| v["ev"] == "calib_fanout_done" && v["round"] == round,
@@ -535,7 +558,11 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
             Duration::from_secs(20),
             None,
         );
-        let last = done.iter().filter_map(|(_, v)| v["last_ns"].as_u64()).max().unwrap_or(end);
+        let last = done
+            .iter()
+            .filter_map(|(_, v)| v["last_ns"].as_u64())
+            .max()
+            .unwrap_or(end);
         if done.len() == k {
             fanout.push(last.saturating_sub(start) as f64 / 1000.0);
         }
@@ -545,7 +572,10 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
     let fanout_rounds = fanout.clone();
     let fanout_us = median(&mut fanout);
     let send_loop_us = median(&mut send_loop);
-    eprintln!("calibrate: bare fanout to {} sockets: {fanout_us:.0} us (send loop {send_loop_us:.0} us)", sink.accepted());
+    eprintln!(
+        "calibrate: bare fanout to {} sockets: {fanout_us:.0} us (send loop {send_loop_us:.0} us)",
+        sink.accepted()
+    );
 
     // (c) one-way latency through a bare relay.
     let mut hist = new_hist();
@@ -572,31 +602,44 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
             sink.poll(5);
         }
         workers.send_all(&json!({"cmd": "calib_report"}));
-        for (_, v) in workers.wait_for(|v| v["ev"] == "calib_report", k, Duration::from_secs(10), None) {
+        for (_, v) in workers.wait_for(
+            |v| v["ev"] == "calib_report",
+            k,
+            Duration::from_secs(10),
+            None,
+        ) {
             merge_json(&mut hist, &v["hist"]);
             sent += v["sent"].as_u64().unwrap_or(0);
             received += v["received"].as_u64().unwrap_or(0);
         }
     }
     workers.send_all(&json!({"cmd": "calib_close"}));
-    workers.wait_for(|v| v["ev"] == "calib_closed", k, Duration::from_secs(10), None);
+    workers.wait_for(
+        |v| v["ev"] == "calib_closed",
+        k,
+        Duration::from_secs(10),
+        None,
+    );
     let short_writes = sink.short_writes;
     let accepted = sink.accepted();
     drop(sink);
-    Ok((json!({
-        "conns": accepted,
-        "requested": plan.n,
-        "capped": plan.capped,
-        "connect_ok": ok,
-        "connect_failed": failed,
-        "connect_per_sec": connect_per_sec.round(),
-        "fanout_us": fanout_us.round(),
-        "fanout_rounds_us": fanout_rounds.iter().map(|x| x.round()).collect::<Vec<_>>(),
-        "fanout_send_loop_us": send_loop_us.round(),
-        "oneway_sent": sent,
-        "oneway_received": received,
-        "oneway_rate": plan.rate,
-        "oneway_latency_us": summary_json(&hist),
-        "short_writes": short_writes,
-    }), hist))
+    Ok((
+        json!({
+            "conns": accepted,
+            "requested": plan.n,
+            "capped": plan.capped,
+            "connect_ok": ok,
+            "connect_failed": failed,
+            "connect_per_sec": connect_per_sec.round(),
+            "fanout_us": fanout_us.round(),
+            "fanout_rounds_us": fanout_rounds.iter().map(|x| x.round()).collect::<Vec<_>>(),
+            "fanout_send_loop_us": send_loop_us.round(),
+            "oneway_sent": sent,
+            "oneway_received": received,
+            "oneway_rate": plan.rate,
+            "oneway_latency_us": summary_json(&hist),
+            "short_writes": short_writes,
+        }),
+        hist,
+    ))
 }

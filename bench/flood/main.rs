@@ -1,1 +1,127 @@
-fn main() {}
+//! corepush-flood: a connection-flood benchmark for WebSocket push servers
+//! speaking the corepush protocol (uid login, `<to>:<payload>`, `all:`).
+//!
+//! It drives tens of thousands of connections from a few processes with raw
+//! non-blocking sockets and epoll, checks that every message arrives exactly
+//! once at the right uid, and prints each figure beside this host's bare-TCP
+//! floor. See docs/benchmarks.md.
+
+mod calibrate;
+mod conn;
+mod coordinator;
+mod proc_stats;
+mod report;
+mod schedule;
+mod sys;
+mod worker;
+mod ws;
+
+use clap::Parser;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Connection-flood benchmark for corepush-protocol WebSocket servers.
+///
+/// Phases, in order: calibrate (bare TCP floor), connect, hold, targeted,
+/// broadcast, churn, teardown. Exits 1 when any message was lost,
+/// duplicated, misrouted or reordered, or any connection failed.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "corepush-flood", version)]
+pub struct Args {
+    /// Server address host:port; repeat for several nodes (connections are
+    /// spread round-robin over them).
+    #[arg(long = "target", default_value = "127.0.0.1:1234")]
+    pub targets: Vec<String>,
+
+    /// Number of WebSocket connections (uids u0..uN-1).
+    #[arg(long, default_value_t = 10_000)]
+    pub conns: u32,
+
+    /// Client worker processes; default: as few as the open-file limit allows.
+    #[arg(long)]
+    pub procs: Option<usize>,
+
+    /// Source addresses to bind (loopback targets only) so ephemeral ports do
+    /// not run out; `none` to let the kernel choose.
+    #[arg(long, default_value = "127.0.0.0/8")]
+    pub sources: String,
+
+    /// Server process to sample memory of (VmRSS); repeat for a cluster.
+    #[arg(long = "server-pid")]
+    pub server_pids: Vec<u32>,
+
+    /// Print a JSON summary as the last stdout line.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Total new connections per second; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0.0)]
+    pub connect_rate: f64,
+
+    /// Connection attempts in flight per worker (bounds SYN bursts).
+    #[arg(long, default_value_t = 256)]
+    pub inflight: usize,
+
+    /// Seconds a connect + upgrade + login may take before it counts failed.
+    #[arg(long, default_value_t = 15.0)]
+    pub connect_timeout: f64,
+
+    /// Seconds to hold all connections idle (server memory is sampled).
+    #[arg(long, default_value_t = 5.0)]
+    pub hold_secs: f64,
+
+    /// Targeted messages (0 skips the targeted and churn phases).
+    #[arg(long, default_value_t = 10_000)]
+    pub msgs: u32,
+
+    /// Targeted messages per second, all workers together.
+    #[arg(long, default_value_t = 5_000.0)]
+    pub msg_rate: f64,
+
+    /// Broadcasts (`all:`), one at a time (0 skips the phase).
+    #[arg(long, default_value_t = 5)]
+    pub broadcasts: u32,
+
+    /// Fraction of connections that close and reconnect during a second run
+    /// of targeted traffic (0 skips the churn phase).
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
+
+    /// Skip the bare-TCP calibration.
+    #[arg(long)]
+    pub no_calibrate: bool,
+
+    /// Bare fanout rounds in calibration (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub calib_rounds: u32,
+
+    /// Seed of the message schedule (same seed, same schedule).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// uid prefix: connection i logs in as <prefix><i>.
+    #[arg(long, default_value = "u")]
+    pub uid_prefix: String,
+
+    /// Seconds to wait for late messages after the last send.
+    #[arg(long, default_value_t = 5.0)]
+    pub drain_secs: f64,
+
+    /// Do not print the .hgrm percentile distributions.
+    #[arg(long)]
+    pub no_hgrm: bool,
+
+    /// Internal: run as worker number N under a coordinator.
+    #[arg(long, hide = true)]
+    pub worker: Option<usize>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let code = match args.worker {
+        Some(index) => worker::Worker::run(&args, index),
+        None => coordinator::run(&args),
+    };
+    std::process::exit(code);
+}

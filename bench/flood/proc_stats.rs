@@ -56,7 +56,8 @@ mod tests {
             Some(1234 * 1024)
         );
         assert_eq!(parse_vmrss("Name: x\n"), None);
-        let sockstat = "sockets: used 15\nTCP: inuse 1 orphan 0 tw 0 alloc 1 mem 255\nUDP: inuse 0 mem 0\n";
+        let sockstat =
+            "sockets: used 15\nTCP: inuse 1 orphan 0 tw 0 alloc 1 mem 255\nUDP: inuse 0 mem 0\n";
         assert_eq!(parse_sockstat_mem(sockstat), Some(255));
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
     }

@@ -170,7 +170,10 @@ mod tests {
         );
         assert_eq!(lines[1], "");
         // First row: the smallest value at percentile 0.
-        assert_eq!(lines[2], "       1.000 0.000000000000          1           1.00");
+        assert_eq!(
+            lines[2],
+            "       1.000 0.000000000000          1           1.00"
+        );
         // Median row.
         assert!(
             lines.contains(&"     500.223 0.500000000000        500           2.00"),

@@ -74,7 +74,10 @@ impl Schedule {
             let (s, r) = if j > 0 && rng.below(4) == 0 {
                 (sender[j as usize - 1], recipient[j as usize - 1])
             } else {
-                (rng.below(conns.into()) as u32, rng.below(conns.into()) as u32)
+                (
+                    rng.below(conns.into()) as u32,
+                    rng.below(conns.into()) as u32,
+                )
             };
             sender.push(s);
             recipient.push(r);
@@ -115,7 +118,8 @@ impl Schedule {
 
     /// Whether connection `g` closes and reconnects during this phase.
     pub fn is_churned(&self, g: u32) -> bool {
-        self.churn_threshold != 0 && mix(self.seed ^ 0xC4u64.rotate_left(56) ^ u64::from(g)) <= self.churn_threshold
+        self.churn_threshold != 0
+            && mix(self.seed ^ 0xC4u64.rotate_left(56) ^ u64::from(g)) <= self.churn_threshold
     }
 
     /// When a churned connection closes, as an offset from the phase start:

@@ -338,7 +338,7 @@ impl Worker {
     fn on_stdin(&mut self) {
         let mut buf = [0u8; 4096];
         loop {
-            match sys::read(0, &mut buf) {
+            match sys::read_fd(0, &mut buf) {
                 Ok(0) => {
                     // Coordinator gone: stop.
                     self.exit = true;
@@ -504,12 +504,16 @@ impl Worker {
 
     fn progress(&self) {
         if let Some(c) = self.connect.as_ref().filter(|c| !c.reported) {
-            emit(json!({"ev": "progress", "phase": "connect", "done": c.established, "failed": c.failed}));
+            emit(
+                json!({"ev": "progress", "phase": "connect", "done": c.established, "failed": c.failed}),
+            );
         } else if let Some(t) = self.targeted.as_ref().filter(|t| !t.done_sent) {
             emit(json!({"ev": "progress", "phase": t.label, "done": t.sent,
                 "failed": t.expected_steady - t.delivered_steady}));
         } else if let Some(t) = self.teardown.as_ref().filter(|t| !t.reported) {
-            emit(json!({"ev": "progress", "phase": "teardown", "done": t.clean + t.unclean, "failed": t.unclean}));
+            emit(
+                json!({"ev": "progress", "phase": "teardown", "done": t.clean + t.unclean, "failed": t.unclean}),
+            );
         } else if let Some(c) = self.calib.as_ref() {
             if let Some((phase, done)) = c.progress() {
                 emit(json!({"ev": "progress", "phase": phase, "done": done, "failed": 0}));
@@ -569,7 +573,10 @@ impl Worker {
         match sys::connect_nb(target, source) {
             Ok(fd) => {
                 conn.fd = fd;
-                if let Err(e) = self.ep.add(fd, li as u64, EV_IN | EV_OUT | EV_RDHUP | EV_ET) {
+                if let Err(e) = self
+                    .ep
+                    .add(fd, li as u64, EV_IN | EV_OUT | EV_RDHUP | EV_ET)
+                {
                     self.log(format!("epoll add: {e}"));
                     self.fail(li, Fail::Connect);
                 }
@@ -616,10 +623,7 @@ impl Worker {
         conn.close_socket();
         conn.state = State::Failed;
         conn.reconnect = false;
-        let attempt = matches!(
-            was,
-            State::Connecting | State::Upgrading | State::LoggingIn
-        );
+        let attempt = matches!(was, State::Connecting | State::Upgrading | State::LoggingIn);
         let c = &mut self.counters;
         match why {
             Fail::Connect => c.connect += 1,
@@ -677,7 +681,10 @@ impl Worker {
                 return;
             }
         }
-        if events & EV_OUT != 0 && !self.conns[li].outbuf.is_empty() && self.conns[li].flush().is_err() {
+        if events & EV_OUT != 0
+            && !self.conns[li].outbuf.is_empty()
+            && self.conns[li].flush().is_err()
+        {
             self.on_eof(li);
             return;
         }
@@ -723,7 +730,10 @@ impl Worker {
             State::Upgrading => self.fail(li, Fail::Upgrade),
             State::LoggingIn => self.fail(li, Fail::Login),
             State::Ready => {
-                self.log(format!("connection {} dropped by server", self.base as usize + li));
+                self.log(format!(
+                    "connection {} dropped by server",
+                    self.base as usize + li
+                ));
                 self.fail(li, Fail::Dropped)
             }
             _ => self.conns[li].close_socket(),
@@ -823,7 +833,8 @@ impl Worker {
                     } else {
                         1005
                     };
-                    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or(&[])).to_string();
+                    let reason =
+                        String::from_utf8_lossy(payload.get(2..).unwrap_or(&[])).to_string();
                     let g = self.base as usize + li;
                     self.log(format!("server closed connection {g}: {code} {reason}"));
                     let echo = ws::close_payload(code, b"");
@@ -893,7 +904,8 @@ impl Worker {
                     self.on_broadcast(li, payload, now);
                 } else {
                     self.counters.unexpected += 1;
-                    let got = String::from_utf8_lossy(&payload[..payload.len().min(100)]).to_string();
+                    let got =
+                        String::from_utf8_lossy(&payload[..payload.len().min(100)]).to_string();
                     self.log(format!("unexpected message {got:?}"));
                 }
             }
