@@ -140,6 +140,7 @@ impl ConnState {
         }
         if self.out_bytes as usize > limit && self.phase != Phase::Closing && self.kill.is_none() {
             self.kill = Some(Kill::SlowConsumer);
+            self.wake();
         }
         true
     }

@@ -1,0 +1,82 @@
+//! A connection's whole life on the server: cleanup after close, slow
+//! consumers, shutdown (protocol.md, "Guarantees"; README, "Stopping").
+
+mod util;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use corepush::stats::Counter;
+use util::*;
+
+#[test]
+fn tables_are_empty_after_every_connection_closes() {
+    let server = TestServer::start(3);
+    let mut clients: Vec<Ws> = Vec::new();
+    for i in 0..60 {
+        // Some uids have several connections, spread over shards.
+        clients.push(login(server.addr, &format!("clean-{}", i % 20)));
+    }
+    let s = server.wait_for("logins", |s| s.get(Counter::LoggedIn) == 60);
+    assert!(s.get(Counter::LocalUids) >= 20);
+    server.wait_for("directory", |s| s.get(Counter::DirectoryUids) == 20);
+    for (i, ws) in clients.into_iter().enumerate() {
+        if i % 2 == 0 {
+            close(ws);
+        } else {
+            drop(ws); // no close frame
+        }
+    }
+    server.wait_empty();
+    server.assert_serving();
+    server.wait_empty();
+}
+
+#[test]
+fn a_reader_that_stops_reading_is_closed_as_slow_consumer_and_others_go_on() {
+    let server = TestServer::start_with(2, |c| c.max_outbound_bytes = 256 * 1024);
+    // A receiver with a small kernel buffer (set before connecting, so the
+    // window stays small) that never reads.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut slow: TcpStream = socket.into();
+    slow.write_all(UPGRADE.as_bytes()).unwrap();
+    assert!(read_http_head(&mut slow).starts_with("HTTP/1.1 101"));
+    slow.write_all(&client_frame(true, 1, b"slow")).unwrap();
+    let mut fast = login(server.addr, "fast");
+    let mut sender = login(server.addr, "flooder");
+    let chunk = "z".repeat(16 * 1024);
+    for i in 0..1000 {
+        send_text(&mut sender, &format!("slow:{chunk}"));
+        if i % 50 == 0 {
+            send_text(&mut sender, &format!("fast:{i}"));
+            assert_eq!(recv_text(&mut fast), i.to_string(), "fast is not held back");
+        }
+    }
+    server.wait_for("slow consumer closed", |s| s.get(Counter::SlowConsumers) == 1);
+    // Now read: the login reply, queued messages, then the close frame.
+    slow.set_read_timeout(Some(PATIENCE)).unwrap();
+    assert_eq!(read_close(&mut slow), (1008, "slow consumer".into()));
+    server.wait_for("slow uid gone", |s| s.get(Counter::LoggedIn) == 2);
+    let _ = slow.write_all(&client_frame(true, 8, b""));
+}
+
+#[test]
+fn shutdown_closes_everyone_with_1001() {
+    let server = TestServer::start(2);
+    let mut clients: Vec<Ws> = (0..10).map(|i| login(server.addr, &format!("sd-{i}"))).collect();
+    let mut half_open = tcp(server.addr); // never upgrades
+    let addr = server.addr;
+    let stopper = std::thread::spawn(move || server.stop());
+    for ws in &mut clients {
+        assert_eq!(expect_close(ws), (1001, "server shutting down".into()));
+    }
+    drop(clients); // answer nothing more: the server must not wait forever
+    let reply = String::from_utf8(read_to_end(&mut half_open)).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    stopper.join().unwrap();
+    let refused = TcpStream::connect_timeout(&addr, Duration::from_secs(2));
+    assert!(refused.is_err(), "no longer listening");
+}
