@@ -417,7 +417,8 @@ impl Connection {
                     break;
                 }
             };
-            if header.opcode == Opcode::Continuation && self.message.len() + header.payload_len > max
+            if header.opcode == Opcode::Continuation
+                && self.message.len() + header.payload_len > max
             {
                 self.fail(close_code::TOO_BIG, "message too big");
                 break;
@@ -486,7 +487,10 @@ impl Connection {
         match protocol::validate_uid(payload) {
             Ok(uid) => {
                 self.shard.login(self.key, uid);
-                self.write(&frame::encode(Opcode::Text, protocol::login_reply(uid).as_bytes()));
+                self.write(&frame::encode(
+                    Opcode::Text,
+                    protocol::login_reply(uid).as_bytes(),
+                ));
             }
             Err(e) => {
                 self.shard.stats.inc(Counter::LoginRefused);

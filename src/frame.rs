@@ -158,7 +158,10 @@ pub fn encode_close(code: u16, reason: &str) -> Frame {
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    encode_parts(Opcode::Close, &[&code.to_be_bytes(), reason[..end].as_bytes()])
+    encode_parts(
+        Opcode::Close,
+        &[&code.to_be_bytes(), &reason.as_bytes()[..end]],
+    )
 }
 
 /// Encodes a frame whose payload is the concatenation of `parts`, in one
@@ -175,7 +178,9 @@ fn encode_parts(opcode: Opcode, parts: &[&[u8]]) -> Frame {
     header
         .format(len as u64, &mut &mut head[..])
         .expect("a header fits in 10 bytes");
-    let chain = head[..head_len].iter().chain(parts.iter().flat_map(|p| p.iter()));
+    let chain = head[..head_len]
+        .iter()
+        .chain(parts.iter().flat_map(|p| p.iter()));
     let frame: Frame = chain.copied().collect();
     debug_assert_eq!(frame.len(), head_len + len);
     frame

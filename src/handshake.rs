@@ -26,9 +26,11 @@ pub enum Outcome {
 /// Examines the request bytes received so far.
 pub fn process(buf: &[u8]) -> Outcome {
     match Request::try_parse(buf) {
-        Ok(None) if buf.len() >= MAX_REQUEST_BYTES => {
-            reject(431, "Request Header Fields Too Large", "upgrade request too large")
-        }
+        Ok(None) if buf.len() >= MAX_REQUEST_BYTES => reject(
+            431,
+            "Request Header Fields Too Large",
+            "upgrade request too large",
+        ),
         Ok(None) => Outcome::Incomplete,
         Ok(Some((consumed, request))) => match create_response(&request) {
             Ok(response) => {

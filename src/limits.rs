@@ -58,7 +58,11 @@ mod tests {
         assert!(first.now >= first.before);
         assert_eq!(second.before, second.now);
         assert_eq!(second.now, first.now);
-        assert!(is_fd_exhaustion(&io::Error::from_raw_os_error(libc::EMFILE)));
-        assert!(!is_fd_exhaustion(&io::Error::from_raw_os_error(libc::ECONNABORTED)));
+        assert!(is_fd_exhaustion(&io::Error::from_raw_os_error(
+            libc::EMFILE
+        )));
+        assert!(!is_fd_exhaustion(&io::Error::from_raw_os_error(
+            libc::ECONNABORTED
+        )));
     }
 }

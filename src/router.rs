@@ -31,7 +31,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{fence, AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender};
 
 use crate::frame::Frame;
 
@@ -177,10 +177,7 @@ impl Router {
 
 impl InboxReceiver {
     pub fn try_recv(&self) -> Option<ShardMsg> {
-        match self.rx.try_recv() {
-            Ok(msg) => Some(msg),
-            Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-        }
+        self.rx.try_recv().ok()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -231,6 +228,10 @@ mod tests {
         assert!(rx.arm());
         router.send(0, ShardMsg::Shutdown);
         router.send(0, ShardMsg::Shutdown);
-        assert_eq!(wake.read(&mut byte).unwrap(), 1, "one ring for two messages");
+        assert_eq!(
+            wake.read(&mut byte).unwrap(),
+            1,
+            "one ring for two messages"
+        );
     }
 }

@@ -50,7 +50,10 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
     let fd_limit = limits::raise_fd_limit()?;
     let shards = config.shard_count();
     if shards > ShardId::MAX as usize {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many shards"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many shards",
+        ));
     }
     let first = listen(config.listen, config.backlog)?;
     let addr = first

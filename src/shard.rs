@@ -130,7 +130,9 @@ impl Shard {
     /// this only for its own key, which exists until `forget`.
     pub fn with_conn<R>(&self, key: Key, f: impl FnOnce(&mut ConnState) -> R) -> R {
         let mut conns = self.conns.borrow_mut();
-        f(conns.get_mut(key).expect("a connection's state outlives its task"))
+        f(conns
+            .get_mut(key)
+            .expect("a connection's state outlives its task"))
     }
 
     // ---- connections arriving and leaving ----
@@ -279,8 +281,14 @@ impl Shard {
                     } else {
                         self.stats.inc(Counter::CrossShardSent);
                         let (home, frame) = (self.id, frame.clone());
-                        self.router
-                            .send(host, ShardMsg::BroadcastPart { home, frame, origin });
+                        self.router.send(
+                            host,
+                            ShardMsg::BroadcastPart {
+                                home,
+                                frame,
+                                origin,
+                            },
+                        );
                     }
                 }
             }

@@ -113,10 +113,7 @@ impl UidTable {
 
     /// The shards hosting a connection of `uid` (a uid homed here).
     pub fn hosts(&self, uid: &str) -> &[ShardId] {
-        self.directory
-            .get(uid)
-            .map(|h| h.as_slice())
-            .unwrap_or(&[])
+        self.directory.get(uid).map(|h| h.as_slice()).unwrap_or(&[])
     }
 
     /// Distinct uids with a local connection.

@@ -17,7 +17,10 @@ fn http_status(server: &TestServer, request: &[u8]) -> (String, String) {
     let all = read_to_end(&mut s);
     let text = String::from_utf8_lossy(&all).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
 }
 
 #[test]
@@ -33,11 +36,17 @@ fn plain_http_gets_426_and_a_reason() {
 fn other_bad_requests_get_4xx() {
     let server = TestServer::start(2);
     let post = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
-    assert_eq!(http_status(&server, post).0, "HTTP/1.1 405 Method Not Allowed");
+    assert_eq!(
+        http_status(&server, post).0,
+        "HTTP/1.1 405 Method Not Allowed"
+    );
     let garbage = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n";
     assert_eq!(http_status(&server, garbage).0, "HTTP/1.1 400 Bad Request");
     let no_key = UPGRADE.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
-    assert_eq!(http_status(&server, no_key.as_bytes()).0, "HTTP/1.1 400 Bad Request");
+    assert_eq!(
+        http_status(&server, no_key.as_bytes()).0,
+        "HTTP/1.1 400 Bad Request"
+    );
     let endless = format!("GET / HTTP/1.1\r\nX-Pad: {}", "p".repeat(10_000));
     assert_eq!(
         http_status(&server, endless.as_bytes()).0,

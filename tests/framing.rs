@@ -12,13 +12,16 @@ use util::*;
 fn invalid_utf8_text_closes_with_1007() {
     let server = TestServer::start(2);
     let mut s = raw_login(server.addr, "bad-text");
-    s.write_all(&client_frame(true, 1, b"bad-text:\xc3\x28")).unwrap();
+    s.write_all(&client_frame(true, 1, b"bad-text:\xc3\x28"))
+        .unwrap();
     assert_eq!(read_close(&mut s).0, 1007);
     // Also as the login message itself.
     let mut s = raw_upgraded(server.addr);
     s.write_all(&client_frame(true, 1, b"\xff")).unwrap();
     assert_eq!(read_close(&mut s).0, 1007);
-    server.wait_for("closed connections gone", |s| s.get(Counter::Connections) == 0);
+    server.wait_for("closed connections gone", |s| {
+        s.get(Counter::Connections) == 0
+    });
     server.assert_serving();
 }
 
@@ -51,7 +54,10 @@ fn fragmented_messages_are_reassembled() {
     for b in bytes {
         s.write_all(&[b]).unwrap();
     }
-    assert_eq!(read_frame(&mut s), Some((10, b"ping in the middle".to_vec())));
+    assert_eq!(
+        read_frame(&mut s),
+        Some((10, b"ping in the middle".to_vec()))
+    );
     assert_eq!(recv_text(&mut bob), "hello in three");
 }
 
@@ -68,7 +74,10 @@ fn fragmented_messages_count_against_the_size_limit() {
 fn fragmentation_errors_close_with_1002() {
     let server = TestServer::start(1);
     let cases: [(Vec<u8>, &str); 4] = [
-        (client_frame(true, 0, b"x"), "continuation without a message"),
+        (
+            client_frame(true, 0, b"x"),
+            "continuation without a message",
+        ),
         (
             [client_frame(false, 1, b"a"), client_frame(true, 1, b"b")].concat(),
             "new message inside a fragmented one",
@@ -81,7 +90,9 @@ fn fragmentation_errors_close_with_1002() {
         s.write_all(&bytes).unwrap();
         assert_eq!(read_close(&mut s), (1002, reason.into()));
     }
-    server.wait_for("violations counted", |s| s.get(Counter::ProtocolErrors) == 4);
+    server.wait_for("violations counted", |s| {
+        s.get(Counter::ProtocolErrors) == 4
+    });
 }
 
 #[test]
@@ -102,7 +113,8 @@ fn unmasked_and_reserved_bit_frames_close_with_1002() {
 fn ping_gets_pong_with_the_same_payload() {
     let server = TestServer::start(1);
     let mut s = raw_login(server.addr, "pinger");
-    s.write_all(&client_frame(true, 9, b"are you there")).unwrap();
+    s.write_all(&client_frame(true, 9, b"are you there"))
+        .unwrap();
     assert_eq!(read_frame(&mut s), Some((10, b"are you there".to_vec())));
 }
 
@@ -110,9 +122,17 @@ fn ping_gets_pong_with_the_same_payload() {
 fn client_close_is_echoed_and_the_uid_is_gone() {
     let server = TestServer::start(2);
     let mut s = raw_login(server.addr, "closer");
-    s.write_all(&client_frame(true, 8, &[0x0f, 0xa0, b'b', b'y', b'e'])).unwrap();
-    assert_eq!(read_close(&mut s), (4000, String::new()), "the code is echoed");
-    assert!(read_to_end(&mut s).is_empty(), "then the server closes the TCP connection");
+    s.write_all(&client_frame(true, 8, &[0x0f, 0xa0, b'b', b'y', b'e']))
+        .unwrap();
+    assert_eq!(
+        read_close(&mut s),
+        (4000, String::new()),
+        "the code is echoed"
+    );
+    assert!(
+        read_to_end(&mut s).is_empty(),
+        "then the server closes the TCP connection"
+    );
     server.wait_empty();
 
     let mut s = raw_login(server.addr, "closer-empty");

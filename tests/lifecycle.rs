@@ -55,7 +55,9 @@ fn a_reader_that_stops_reading_is_closed_as_slow_consumer_and_others_go_on() {
             assert_eq!(recv_text(&mut fast), i.to_string(), "fast is not held back");
         }
     }
-    server.wait_for("slow consumer closed", |s| s.get(Counter::SlowConsumers) == 1);
+    server.wait_for("slow consumer closed", |s| {
+        s.get(Counter::SlowConsumers) == 1
+    });
     // Now read: the login reply, queued messages, then the close frame.
     slow.set_read_timeout(Some(PATIENCE)).unwrap();
     assert_eq!(read_close(&mut slow), (1008, "slow consumer".into()));
@@ -66,7 +68,9 @@ fn a_reader_that_stops_reading_is_closed_as_slow_consumer_and_others_go_on() {
 #[test]
 fn shutdown_closes_everyone_with_1001() {
     let server = TestServer::start(2);
-    let mut clients: Vec<Ws> = (0..10).map(|i| login(server.addr, &format!("sd-{i}"))).collect();
+    let mut clients: Vec<Ws> = (0..10)
+        .map(|i| login(server.addr, &format!("sd-{i}")))
+        .collect();
     let mut half_open = tcp(server.addr); // never upgrades
     let addr = server.addr;
     let stopper = std::thread::spawn(move || server.stop());

@@ -58,7 +58,10 @@ impl Rendezvous {
         self.arrived.fetch_add(1, Ordering::SeqCst);
         let start = Instant::now();
         while self.arrived.load(Ordering::SeqCst) < self.parties {
-            assert!(start.elapsed() < Duration::from_secs(60), "a client thread died");
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "a client thread died"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -129,25 +132,35 @@ fn thousands_of_connections_exchange_exactly() {
     sent.wait();
     let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
     let problems: Vec<&String> = results.iter().flat_map(|(_, p)| p).collect();
-    assert!(problems.is_empty(), "{} problems, first: {:?}", problems.len(), &problems[..problems.len().min(5)]);
+    assert!(
+        problems.is_empty(),
+        "{} problems, first: {:?}",
+        problems.len(),
+        &problems[..problems.len().min(5)]
+    );
 
     // Exactly the planned deliveries, and not one more on any socket.
     let planned: u64 = expected.iter().map(|e| e.len() as u64).sum();
     let s = server.wait_for("every delivery counted", |s| {
         s.get(Counter::DeliveredSameShard) + s.get(Counter::DeliveredCrossShard) >= planned
     });
-    assert_eq!(s.get(Counter::DeliveredSameShard) + s.get(Counter::DeliveredCrossShard), planned);
+    assert_eq!(
+        s.get(Counter::DeliveredSameShard) + s.get(Counter::DeliveredCrossShard),
+        planned
+    );
     assert!(s.get(Counter::DeliveredSameShard) > 0 && s.get(Counter::DeliveredCrossShard) > 0);
     for (conns, _) in &results {
         for ws in conns {
             ws.get_ref().set_nonblocking(true).unwrap();
             let mut byte = [0u8; 1];
-            let extra = std::io::Read::read(&mut &*ws.get_ref(), &mut byte);
+            let extra = std::io::Read::read(&mut ws.get_ref(), &mut byte);
             assert!(extra.is_err(), "an unexpected extra message");
         }
     }
     let per_shard = server.shard_stats();
-    assert!(per_shard.iter().all(|s| s.get(Counter::LoggedIn) > CONNS as u64 / 10));
+    assert!(per_shard
+        .iter()
+        .all(|s| s.get(Counter::LoggedIn) > CONNS as u64 / 10));
     drop(results);
     server.wait_empty();
 }

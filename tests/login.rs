@@ -13,7 +13,10 @@ fn valid_login_is_acknowledged_in_the_seeds_words() {
     let server = TestServer::start(2);
     let mut ws = connect(server.addr);
     send_text(&mut ws, "user 42 ünïcode");
-    assert_eq!(recv_text(&mut ws), "login success, your uid is user 42 ünïcode");
+    assert_eq!(
+        recv_text(&mut ws),
+        "login success, your uid is user 42 ünïcode"
+    );
     let longest = "x".repeat(128);
     close(ws);
     close(login(server.addr, &longest));
@@ -32,12 +35,19 @@ fn invalid_uids_are_closed_with_1008_and_a_reason() {
     for (uid, reason) in cases {
         let mut ws = connect(server.addr);
         send_text(&mut ws, uid);
-        assert_eq!(expect_close(&mut ws), (1008, reason.to_string()), "uid {uid:?}");
+        assert_eq!(
+            expect_close(&mut ws),
+            (1008, reason.to_string()),
+            "uid {uid:?}"
+        );
     }
     // A binary login that is not UTF-8.
     let mut ws = connect(server.addr);
     send_binary(&mut ws, &[0xff, 0xfe, 0x00]);
-    assert_eq!(expect_close(&mut ws), (1008, "uid is not valid UTF-8".into()));
+    assert_eq!(
+        expect_close(&mut ws),
+        (1008, "uid is not valid UTF-8".into())
+    );
 
     server.wait_for("refusals counted", |s| s.get(Counter::LoginRefused) == 6);
     server.assert_serving();
@@ -59,7 +69,10 @@ fn ping_before_login_is_answered_and_login_still_works() {
     assert_eq!(read_frame(&mut s), Some((10, b"early".to_vec())));
     s.write_all(&client_frame(true, 1, b"late-user")).unwrap();
     let (op, text) = read_frame(&mut s).unwrap();
-    assert_eq!((op, text), (1, b"login success, your uid is late-user".to_vec()));
+    assert_eq!(
+        (op, text),
+        (1, b"login success, your uid is late-user".to_vec())
+    );
 }
 
 #[test]

@@ -28,7 +28,10 @@ fn binary_stays_binary() {
     let mut msg = b"bin-bob:".to_vec();
     msg.extend_from_slice(&[0, 159, 146, 150, 255, b':']);
     send_binary(&mut alice, &msg);
-    assert_eq!(recv(&mut bob), Message::binary(vec![0, 159, 146, 150, 255, b':']));
+    assert_eq!(
+        recv(&mut bob),
+        Message::binary(vec![0, 159, 146, 150, 255, b':'])
+    );
 }
 
 #[test]
@@ -68,7 +71,10 @@ fn broadcast_reaches_everyone_including_the_sender() {
         assert_eq!(recv_text(c), "hello everyone: really");
     }
     send_text(&mut outsider, "bc-outsider");
-    assert_eq!(recv_text(&mut outsider), "login success, your uid is bc-outsider");
+    assert_eq!(
+        recv_text(&mut outsider),
+        "login success, your uid is bc-outsider"
+    );
     let s = server.stats();
     assert_eq!(s.get(Counter::Broadcasts), 1);
 }
@@ -87,9 +93,15 @@ fn malformed_sends_get_an_error_reply_and_the_connection_stays() {
     let server = TestServer::start(2);
     let mut ws = login(server.addr, "clumsy");
     let cases = [
-        ("no separator", "error: missing ':' (expected <uid>:<message>)"),
+        (
+            "no separator",
+            "error: missing ':' (expected <uid>:<message>)",
+        ),
         (":no recipient", "error: empty recipient before ':'"),
-        ("bad\u{7}uid:x", "error: invalid recipient: uid contains a control character"),
+        (
+            "bad\u{7}uid:x",
+            "error: invalid recipient: uid contains a control character",
+        ),
     ];
     for (msg, reply) in cases {
         send_text(&mut ws, msg);
@@ -128,11 +140,19 @@ fn messages_for_a_never_reach_b() {
 #[test]
 fn order_holds_across_targeted_and_broadcast_messages() {
     let server = TestServer::start(4);
-    let mut senders: Vec<Ws> = (0..4).map(|i| login(server.addr, &format!("ord-s{i}"))).collect();
-    let mut recipients: Vec<Ws> = (0..8).map(|i| login(server.addr, &format!("ord-r{i}"))).collect();
+    let mut senders: Vec<Ws> = (0..4)
+        .map(|i| login(server.addr, &format!("ord-s{i}")))
+        .collect();
+    let mut recipients: Vec<Ws> = (0..8)
+        .map(|i| login(server.addr, &format!("ord-r{i}")))
+        .collect();
     for seq in 0..200 {
         for (i, s) in senders.iter_mut().enumerate() {
-            let to = if seq % 7 == 0 { "all".to_string() } else { format!("ord-r{}", seq % 8) };
+            let to = if seq % 7 == 0 {
+                "all".to_string()
+            } else {
+                format!("ord-r{}", seq % 8)
+            };
             send_text(s, &format!("{to}:{i} {seq}"));
         }
     }
@@ -143,7 +163,11 @@ fn order_holds_across_targeted_and_broadcast_messages() {
             let text = recv_text(ws);
             let (i, seq) = text.split_once(' ').unwrap();
             let (i, seq): (usize, i64) = (i.parse().unwrap(), seq.parse().unwrap());
-            assert!(seq > last[i], "recipient {r}: sender {i} sent {seq} after {}", last[i]);
+            assert!(
+                seq > last[i],
+                "recipient {r}: sender {i} sent {seq} after {}",
+                last[i]
+            );
             last[i] = seq;
         }
     }
@@ -152,20 +176,25 @@ fn order_holds_across_targeted_and_broadcast_messages() {
 #[test]
 fn deliveries_cross_shards_and_stay_on_shards() {
     let server = TestServer::start(2);
-    let mut clients: Vec<Ws> = (0..40).map(|i| login(server.addr, &format!("x-{i}"))).collect();
+    let mut clients: Vec<Ws> = (0..40)
+        .map(|i| login(server.addr, &format!("x-{i}")))
+        .collect();
     let per_shard = server.shard_stats();
     assert!(
         per_shard.iter().all(|s| s.get(Counter::LoggedIn) > 0),
         "SO_REUSEPORT spread 40 connections over both shards: {per_shard:?}"
     );
-    for i in 0..40 {
-        send_text(&mut clients[i], &format!("x-{}:from {i}", (i + 1) % 40));
+    for (i, ws) in clients.iter_mut().enumerate() {
+        send_text(ws, &format!("x-{}:from {i}", (i + 1) % 40));
     }
     for i in 0..40 {
         assert_eq!(recv_text(&mut clients[(i + 1) % 40]), format!("from {i}"));
     }
     let s = server.stats();
-    assert_eq!(s.get(Counter::DeliveredSameShard) + s.get(Counter::DeliveredCrossShard), 40);
+    assert_eq!(
+        s.get(Counter::DeliveredSameShard) + s.get(Counter::DeliveredCrossShard),
+        40
+    );
     assert!(s.get(Counter::DeliveredSameShard) > 0, "{s:?}");
     assert!(s.get(Counter::DeliveredCrossShard) > 0, "{s:?}");
     assert!(s.get(Counter::CrossShardSent) > 0, "{s:?}");

@@ -30,9 +30,11 @@ impl TestServer {
 
     /// Same, with settings changed by `tweak`.
     pub fn start_with(shards: usize, tweak: impl FnOnce(&mut Config)) -> TestServer {
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.shards = shards;
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            shards,
+            ..Config::default()
+        };
         tweak(&mut config);
         let handle = corepush::start(config).expect("server starts");
         let addr = handle.local_addr();
@@ -82,7 +84,11 @@ impl TestServer {
 
     /// Stops the server, waiting for every shard to finish.
     pub fn stop(mut self) {
-        self.handle.take().unwrap().shutdown().expect("clean shutdown");
+        self.handle
+            .take()
+            .unwrap()
+            .shutdown()
+            .expect("clean shutdown");
     }
 
     /// Checks the server still serves: two fresh clients exchange a message.
@@ -134,7 +140,10 @@ pub fn connect(addr: SocketAddr) -> Ws {
 pub fn login(addr: SocketAddr, uid: &str) -> Ws {
     let mut ws = connect(addr);
     send_text(&mut ws, uid);
-    assert_eq!(recv_text(&mut ws), format!("login success, your uid is {uid}"));
+    assert_eq!(
+        recv_text(&mut ws),
+        format!("login success, your uid is {uid}")
+    );
     ws
 }
 
@@ -167,7 +176,9 @@ pub fn recv_text(ws: &mut Ws) -> String {
 pub fn expect_close(ws: &mut Ws) -> (u16, String) {
     loop {
         match ws.read() {
-            Ok(Message::Close(Some(frame))) => return (frame.code.into(), frame.reason.to_string()),
+            Ok(Message::Close(Some(frame))) => {
+                return (frame.code.into(), frame.reason.to_string())
+            }
             Ok(Message::Close(None)) => return (1005, String::new()),
             Ok(Message::Ping(_) | Message::Pong(_)) => continue,
             Ok(other) => panic!("expected a close frame, got {other:?}"),
@@ -225,7 +236,10 @@ pub fn raw_login(addr: SocketAddr, uid: &str) -> TcpStream {
     s.write_all(&client_frame(true, 1, uid.as_bytes())).unwrap();
     let (op, payload) = read_frame(&mut s).expect("login reply");
     assert_eq!(op, 1);
-    assert_eq!(payload, format!("login success, your uid is {uid}").as_bytes());
+    assert_eq!(
+        payload,
+        format!("login success, your uid is {uid}").as_bytes()
+    );
     s
 }
 

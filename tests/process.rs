@@ -1,0 +1,255 @@
+//! The `corepush` binary as an operator runs it: the startup line, the
+//! open-file limit, running out of descriptors, and stopping on SIGTERM.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use util::*;
+
+/// The server binary in a child process, killed on drop; its stderr lines
+/// arrive on a channel.
+struct ServerProcess {
+    child: Child,
+    lines: Receiver<String>,
+    addr: SocketAddr,
+    startup: String,
+}
+
+impl ServerProcess {
+    fn start(args: &[&str], fd_limit: Option<u64>) -> ServerProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corepush"));
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(limit) = fd_limit {
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child
+            // between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn corepush");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let startup = lines
+            .recv_timeout(PATIENCE)
+            .expect("a startup line on stderr");
+        let addr = startup
+            .split("listening on ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {startup:?}"));
+        ServerProcess {
+            child,
+            lines,
+            addr,
+            startup,
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    fn wait_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        panic!("no stderr line with {needle:?}");
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the server did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn startup_line_says_address_shards_and_capacity() {
+    let server = ServerProcess::start(&["--shards", "2"], None);
+    let line = &server.startup;
+    assert!(
+        line.contains(&format!("listening on {} with 2 shards", server.addr)),
+        "{line}"
+    );
+    assert!(line.contains("open-file limit"), "{line}");
+    assert!(line.contains("allows about"), "{line}");
+    assert!(
+        !line.contains('\u{1b}'),
+        "no colour codes when stderr is a pipe: {line:?}"
+    );
+    close(login(server.addr, "cli-user"));
+}
+
+#[test]
+fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
+    let mut cmd_limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads this process's limit into the struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cmd_limit) };
+    let hard = cmd_limit.rlim_max.min(4096);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_corepush"));
+    cmd.args(["--listen", "127.0.0.1:0", "--shards", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: setrlimit between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: hard,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        line.contains(&format!("open-file limit {hard} (was 256)")),
+        "{line}"
+    );
+}
+
+#[test]
+fn sigterm_closes_clients_with_1001_and_exits_zero() {
+    let mut server = ServerProcess::start(&["--shards", "2"], None);
+    let mut clients: Vec<Ws> = (0..6)
+        .map(|i| login(server.addr, &format!("term-{i}")))
+        .collect();
+    server.signal(libc::SIGTERM);
+    for ws in &mut clients {
+        assert_eq!(expect_close(ws), (1001, "server shutting down".into()));
+    }
+    drop(clients);
+    assert!(server.wait_exit().success());
+}
+
+#[test]
+fn out_of_descriptors_keeps_serving_and_resumes_accepting() {
+    // A hard limit of 96 leaves room for a few dozen connections.
+    let server = ServerProcess::start(&["--shards", "1"], Some(96));
+    // Log in while there is room, until accepting stalls.
+    let mut clients = Vec::new();
+    let mut pending: Vec<TcpStream> = Vec::new();
+    for i in 0..120 {
+        if pending.is_empty() {
+            let mut s = tcp(server.addr);
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.write_all(UPGRADE.as_bytes()).unwrap();
+            if read_http_head(&mut s).starts_with("HTTP/1.1 101") {
+                s.write_all(&client_frame(true, 1, format!("fd-{i}").as_bytes()))
+                    .unwrap();
+                read_frame(&mut s).expect("login reply");
+                clients.push(s);
+                continue;
+            }
+            pending.push(s); // its upgrade waits in the backlog
+        } else {
+            pending.push(tcp(server.addr));
+        }
+    }
+    assert!(
+        clients.len() > 20,
+        "only {} connections fitted",
+        clients.len()
+    );
+    assert!(!pending.is_empty(), "the limit was never reached");
+    server.wait_line("out of file descriptors");
+
+    // The connections already open are still served.
+    clients[0]
+        .write_all(&client_frame(true, 1, b"fd-1:still served"))
+        .unwrap();
+    clients[1].set_read_timeout(Some(PATIENCE)).unwrap();
+    assert_eq!(read_frame(&mut clients[1]).unwrap().1, b"still served");
+
+    // Free descriptors: the waiting connection is accepted and upgraded.
+    for mut s in clients.drain(2..) {
+        s.write_all(&client_frame(true, 8, &[3, 232])).unwrap();
+        read_close(&mut s);
+    }
+    let waiting = &mut pending[0];
+    waiting.set_read_timeout(Some(PATIENCE)).unwrap();
+    let head = read_http_head(waiting);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_corepush"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--listen",
+        "--shards",
+        "--backlog",
+        "--max-message-bytes",
+        "--max-outbound-bytes",
+        "--handshake-timeout-ms",
+        "--login-timeout-ms",
+        "--ping-interval-ms",
+        "--idle-timeout-ms",
+        "--close-timeout-ms",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
+    }
+    assert!(
+        help.contains("0.0.0.0:1234"),
+        "the default address is shown"
+    );
+}
