@@ -137,7 +137,8 @@ impl Shard {
 
     // ---- connections arriving and leaving ----
 
-    fn open(self: &Rc<Self>, stream: glommio::net::TcpStream) {
+    /// Adopts an accepted stream: a slot in the connection table and a task.
+    pub fn open(self: &Rc<Self>, stream: glommio::net::TcpStream) {
         use std::os::fd::AsRawFd;
         let _ = stream.set_nodelay(true);
         let now = self.tick();
