@@ -137,9 +137,16 @@ impl Clients {
         self
     }
 
-    /// Whether the worker loop should wake up often (sends are paced).
-    pub fn pacing(&self) -> bool {
-        self.ow_sent < self.ow_count || !self.connect_reported
+    /// When the worker loop must wake up next: the next paced one-way send,
+    /// or soon while connecting (to start more connects).
+    pub fn next_due(&self) -> Option<u64> {
+        if self.ow_sent < self.ow_count {
+            return Some(self.ow_start + (self.ow_sent as f64 * self.ow_interval) as u64);
+        }
+        if !self.connect_reported {
+            return Some(sys::now_ns() + 1_000_000);
+        }
+        None
     }
 
     pub fn progress(&self) -> Option<(&'static str, u64)> {

@@ -317,6 +317,34 @@ impl Epoll {
         }
     }
 
+    /// Waits up to `timeout_ns` with nanosecond precision (epoll_pwait2),
+    /// so paced sends neither spin nor round to whole milliseconds. Falls
+    /// back to `wait` rounded up to 1 ms on kernels without epoll_pwait2.
+    pub fn wait_ns(&mut self, timeout_ns: u64) -> usize {
+        let ts = libc::timespec {
+            tv_sec: (timeout_ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (timeout_ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: `events` has room for `len` entries; `ts` is valid; a null
+        // sigmask means "do not change it".
+        let n = unsafe {
+            libc::epoll_pwait2(
+                self.fd,
+                self.events.as_mut_ptr(),
+                self.events.len() as i32,
+                &ts,
+                std::ptr::null(),
+            )
+        };
+        if n >= 0 {
+            return n as usize;
+        }
+        if io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            return self.wait(timeout_ns.div_ceil(1_000_000).min(i32::MAX as u64) as i32);
+        }
+        0
+    }
+
     /// The (token, event bits) of ready event `i` from the last `wait`.
     pub fn event(&self, i: usize) -> (u64, u32) {
         let ev = self.events[i];

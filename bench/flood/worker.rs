@@ -290,8 +290,8 @@ impl Worker {
         };
         emit(json!({"ev": "ready", "pid": std::process::id()}));
         while !w.exit {
-            let timeout = w.timeout_ms();
-            let n = w.ep.wait(timeout);
+            let timeout = w.timeout_ns();
+            let n = w.ep.wait_ns(timeout);
             for i in 0..n {
                 let (token, events) = w.ep.event(i);
                 if token == TOKEN_STDIN {
@@ -309,30 +309,28 @@ impl Worker {
         0
     }
 
-    /// How long epoll may sleep: short while a phase paces work.
-    fn timeout_ms(&self) -> i32 {
+    /// How long epoll may sleep (ns): until the next paced send or churn
+    /// close, 10 ms while a phase needs timeout checks, else 100 ms.
+    fn timeout_ns(&self) -> u64 {
+        let now = sys::now_ns();
+        let mut due = now + 100_000_000;
+        if self.connect.as_ref().is_some_and(|c| !c.reported) || self.teardown.is_some() {
+            due = now + 10_000_000;
+        }
         if let Some(t) = &self.targeted {
-            if t.next_send < t.my_sends.len() || t.next_churn < t.churn_list.len() {
-                let now = sys::now_ns();
-                let mut due = u64::MAX;
-                if let Some(&j) = t.my_sends.get(t.next_send) {
-                    due = t.t0 + t.sched.send_offset_ns(j);
-                }
-                if let Some(&(at, _)) = t.churn_list.get(t.next_churn) {
-                    due = due.min(at);
-                }
-                return (due.saturating_sub(now) / 1_000_000).min(10) as i32;
+            if let Some(&j) = t.my_sends.get(t.next_send) {
+                due = due.min(t.t0 + t.sched.send_offset_ns(j));
+            }
+            if let Some(&(at, _)) = t.churn_list.get(t.next_churn) {
+                due = due.min(at);
             }
         }
         if let Some(c) = &self.calib {
-            if c.pacing() {
-                return 1;
+            if let Some(at) = c.next_due() {
+                due = due.min(at);
             }
         }
-        if self.connect.as_ref().is_some_and(|c| !c.reported) || self.teardown.is_some() {
-            return 10;
-        }
-        100
+        due.saturating_sub(now)
     }
 
     fn on_stdin(&mut self) {
