@@ -415,7 +415,7 @@ pub fn run(args: &Args) -> i32 {
     let mut calib = Value::Null;
     let mut calib_oneway = new_hist();
     if !args.no_calibrate {
-        let cap = (soft.saturating_sub(FD_RESERVE + 4 * procs as u64)) as usize;
+        let cap = (soft.saturating_sub(64 + 4 * procs as u64)) as usize;
         let n = (conns as usize).min(cap);
         let plan = CalibPlan {
             n,
@@ -452,6 +452,17 @@ pub fn run(args: &Args) -> i32 {
                 eprintln!("calibration failed: {e}");
             }
         }
+    }
+
+    if args.calibrate_only {
+        workers.shutdown();
+        let ok = !calib.is_null();
+        out.insert("calibration".into(), calib);
+        out.insert("ok".into(), json!(ok));
+        if args.json {
+            println!("{}", Value::Object(out));
+        }
+        return if ok { 0 } else { 1 };
     }
 
     // ---- connect

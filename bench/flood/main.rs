@@ -92,6 +92,10 @@ pub struct Args {
     #[arg(long)]
     pub no_calibrate: bool,
 
+    /// Only measure this host's bare-TCP floor (no server needed), then exit.
+    #[arg(long)]
+    pub calibrate_only: bool,
+
     /// Bare fanout rounds in calibration (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub calib_rounds: u32,
