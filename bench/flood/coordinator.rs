@@ -138,7 +138,13 @@ impl Workers {
         let done: u64 = self.progress.iter().map(|p| p.1).sum();
         let failed: u64 = self.progress.iter().map(|p| p.2).sum();
         let rate = done.saturating_sub(self.last_done) as f64 / elapsed.as_secs_f64();
-        eprintln!("  [{phase}] {done} done, {failed} failed/pending, {rate:.0}/s");
+        let (done_what, other_what) = match phase.as_str() {
+            "connect" => ("established", "failed"),
+            "targeted" | "churn" => ("sent", "not yet delivered"),
+            "teardown" => ("closed", "unclean"),
+            _ => ("connected", "failed"),
+        };
+        eprintln!("  [{phase}] {done} {done_what}, {failed} {other_what}, {rate:.0}/s");
         self.last_print = Instant::now();
         self.last_done = done;
     }
@@ -511,11 +517,17 @@ pub fn run(args: &Args) -> i32 {
         0.0
     };
     let connect_hist = merged(&done, "hist");
+    let flood_rss = sum(&done, "rss_bytes");
     println!(
         "  established {established} of {conns}, failed {failed}, {per_sec:.0} conn/s over {:.2} s",
         (last.saturating_sub(t0)) as f64 / 1e9
     );
     print_latency(args, "connect+upgrade+login", &connect_hist);
+    println!(
+        "  flood worker memory: {} RSS for {established} connections ({:.0} bytes per connection, all included)",
+        mib(flood_rss),
+        flood_rss as f64 / established.max(1) as f64
+    );
     if failed > 0 {
         ok = false;
         problems.push(format!("{failed} connections failed"));
@@ -523,7 +535,7 @@ pub fn run(args: &Args) -> i32 {
     out.insert(
         "connections".into(),
         json!({"requested": conns, "established": established, "failed": failed,
-            "per_sec": per_sec.round(), "procs": procs}),
+            "per_sec": per_sec.round(), "procs": procs, "flood_rss_bytes": flood_rss}),
     );
     out.insert(
         "connect".into(),

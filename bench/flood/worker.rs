@@ -551,6 +551,7 @@ impl Worker {
                 "t0": c.t0,
                 "last_ns": c.last_ns,
                 "elapsed_ns": elapsed,
+                "rss_bytes": crate::proc_stats::rss_bytes(std::process::id()),
                 "hist": hist_to_json(&c.hist),
             }));
         }
