@@ -140,7 +140,7 @@ impl Workers {
         let rate = done.saturating_sub(self.last_done) as f64 / elapsed.as_secs_f64();
         let (done_what, other_what) = match phase.as_str() {
             "connect" => ("established", "failed"),
-            "targeted" | "churn" => ("sent", "not yet delivered"),
+            "targeted" | "churn" => ("sent", "delivered"),
             "teardown" => ("closed", "unclean"),
             _ => ("connected", "failed"),
         };

@@ -507,7 +507,7 @@ impl Worker {
             );
         } else if let Some(t) = self.targeted.as_ref().filter(|t| !t.done_sent) {
             emit(json!({"ev": "progress", "phase": t.label, "done": t.sent,
-                "failed": t.expected_steady - t.delivered_steady}));
+                "failed": t.delivered_steady + t.delivered_churned}));
         } else if let Some(t) = self.teardown.as_ref().filter(|t| !t.reported) {
             emit(
                 json!({"ev": "progress", "phase": "teardown", "done": t.clean + t.unclean, "failed": t.unclean}),
