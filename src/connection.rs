@@ -192,10 +192,9 @@ pub struct Connection {
     shard: Rc<Shard>,
     key: Key,
     stream: TcpStream,
-    /// The upgrade request, until it is complete.
-    request: Vec<u8>,
-    /// Bytes of a frame not yet complete, carried to the next read.
-    partial: Vec<u8>,
+    /// Bytes carried to the next read: an upgrade request or a frame that
+    /// is not complete yet. Empty (unallocated) almost always.
+    pending: Vec<u8>,
     /// A fragmented message being reassembled, with its opcode.
     message: Vec<u8>,
     message_op: Option<Opcode>,
@@ -209,8 +208,7 @@ pub async fn serve(shard: Rc<Shard>, key: Key, stream: TcpStream) {
         shard,
         key,
         stream,
-        request: Vec::new(),
-        partial: Vec::new(),
+        pending: Vec::new(),
         message: Vec::new(),
         message_op: None,
         half_closed: false,
@@ -314,13 +312,13 @@ impl Connection {
             (_, Phase::Closing) => {}
             (Kill::Timeout, Phase::Handshake) => {
                 self.shard.stats.inc(Counter::Timeouts);
-                self.reject_http(
-                    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
-                );
+                self.reject_http(&Frame::from(
+                    &b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"[..],
+                ));
             }
-            (Kill::Shutdown, Phase::Handshake) => self.reject_http(
-                b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
-            ),
+            (Kill::Shutdown, Phase::Handshake) => self.reject_http(&Frame::from(
+                &b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"[..],
+            )),
             (Kill::Timeout, Phase::Login) => {
                 self.shard.stats.inc(Counter::Timeouts);
                 self.close(close_code::POLICY, "login timeout");
@@ -354,25 +352,40 @@ impl Connection {
         }
     }
 
-    fn on_request_bytes(&mut self, data: &[u8]) {
-        self.request.extend_from_slice(data);
-        match handshake::process(&self.request) {
+    fn on_request_bytes(&mut self, data: &mut [u8]) {
+        if self.pending.is_empty() {
+            // The usual case: the whole request in one read, parsed in place.
+            match handshake::process(data) {
+                Outcome::Incomplete => self.pending = data.to_vec(),
+                outcome => self.on_handshake(outcome, data),
+            }
+            return;
+        }
+        let mut buf = std::mem::take(&mut self.pending);
+        buf.extend_from_slice(data);
+        match handshake::process(&buf) {
+            Outcome::Incomplete => self.pending = buf,
+            outcome => self.on_handshake(outcome, &mut buf),
+        }
+    }
+
+    fn on_handshake(&mut self, outcome: Outcome, request: &mut [u8]) {
+        match outcome {
             Outcome::Incomplete => {}
             Outcome::Reject { response, .. } => {
                 self.shard.stats.inc(Counter::HandshakeFailed);
-                self.request = Vec::new();
                 self.reject_http(&response);
             }
             Outcome::Upgrade { response, consumed } => {
-                let mut rest = std::mem::take(&mut self.request).split_off(consumed);
                 let deadline = self.shard.now_ms() + self.shard.login_timeout_ms();
-                self.write(&Frame::from(response));
+                self.write(&response);
                 self.shard.with_conn(self.key, |c| {
                     c.phase = Phase::Login;
                     c.deadline_ms = deadline;
                 });
-                if !rest.is_empty() {
-                    self.on_frame_bytes(&mut rest);
+                // Frames pipelined behind the request.
+                if consumed < request.len() {
+                    self.on_frame_bytes(&mut request[consumed..]);
                 }
             }
         }
@@ -380,19 +393,19 @@ impl Connection {
 
     /// Parses every complete frame; keeps an incomplete tail for later.
     fn on_frame_bytes(&mut self, data: &mut [u8]) {
-        if self.partial.is_empty() {
+        if self.pending.is_empty() {
             let used = self.parse_frames(data);
             if used < data.len() && self.is_reading_frames() {
-                self.partial = data[used..].to_vec();
+                self.pending = data[used..].to_vec();
             }
             return;
         }
-        let mut buf = std::mem::take(&mut self.partial);
+        let mut buf = std::mem::take(&mut self.pending);
         buf.extend_from_slice(data);
         let used = self.parse_frames(&mut buf);
         if used < buf.len() && self.is_reading_frames() {
             buf.drain(..used);
-            self.partial = buf;
+            self.pending = buf;
         }
     }
 
@@ -534,13 +547,13 @@ impl Connection {
     }
 
     /// Answers a request that is not a valid upgrade, then closes.
-    fn reject_http(&mut self, response: &[u8]) {
-        self.write(&Frame::from(response));
+    fn reject_http(&mut self, response: &Frame) {
+        self.write(response);
         self.enter_closing();
     }
 
     fn enter_closing(&mut self) {
-        self.partial = Vec::new();
+        self.pending = Vec::new();
         self.message = Vec::new();
         self.message_op = None;
         let deadline = self.shard.now_ms() + self.shard.close_timeout_ms();

@@ -1,15 +1,24 @@
 //! The HTTP upgrade (RFC 6455 section 4.2): request in, 101 or 4xx out.
 //!
-//! tungstenite parses the request and checks the upgrade headers; this module
-//! maps its verdict to a status a client can act on. The request is buffered
-//! per connection only until it is complete, at most [`MAX_REQUEST_BYTES`].
+//! The request is parsed in place with httparse into a fixed array of headers
+//! and the 101 response is written straight into the frame that carries it,
+//! so an upgrade allocates nothing but that frame. tungstenite derives the
+//! `Sec-WebSocket-Accept` key. (tungstenite's own request parser builds an
+//! `http::Request` with a header map first: docs/decisions.md has the cost.)
+//! The request is buffered per connection only when it arrives in pieces, and
+//! only up to [`MAX_REQUEST_BYTES`].
 
-use tungstenite::error::{Error, ProtocolError};
-use tungstenite::handshake::machine::TryParse;
-use tungstenite::handshake::server::{create_response, write_response, Request};
+use std::io::Write;
+
+use tungstenite::handshake::derive_accept_key;
+
+use crate::frame::Frame;
 
 /// The largest upgrade request accepted, headers included.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+
+/// The most headers an upgrade request may carry.
+const MAX_HEADERS: usize = 32;
 
 /// What to do with the bytes received so far.
 #[derive(Debug, PartialEq, Eq)]
@@ -18,59 +27,92 @@ pub enum Outcome {
     Incomplete,
     /// A valid upgrade: send `response`, then speak WebSocket from byte
     /// `consumed` of the input on.
-    Upgrade { response: Vec<u8>, consumed: usize },
+    Upgrade { response: Frame, consumed: usize },
     /// Not a valid upgrade: send `response` (a 4xx) and close.
-    Reject { status: u16, response: Vec<u8> },
+    Reject { status: u16, response: Frame },
 }
 
 /// Examines the request bytes received so far.
 pub fn process(buf: &[u8]) -> Outcome {
-    match Request::try_parse(buf) {
-        Ok(None) if buf.len() >= MAX_REQUEST_BYTES => reject(
-            431,
-            "Request Header Fields Too Large",
-            "upgrade request too large",
-        ),
-        Ok(None) => Outcome::Incomplete,
-        Ok(Some((consumed, request))) => match create_response(&request) {
-            Ok(response) => {
-                let mut bytes = Vec::with_capacity(160);
-                write_response(&mut bytes, &response).expect("writing to a Vec");
-                Outcome::Upgrade {
-                    response: bytes,
-                    consumed,
-                }
-            }
-            Err(e) => refuse(&e),
-        },
-        Err(e) => refuse(&e),
-    }
-}
-
-fn refuse(e: &Error) -> Outcome {
-    let Error::Protocol(p) = e else {
-        return reject(400, "Bad Request", "malformed HTTP request");
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let consumed = match request.parse(buf) {
+        Ok(httparse::Status::Complete(consumed)) => consumed,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_BYTES => {
+            return Outcome::Incomplete
+        }
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+            return reject(
+                431,
+                "Request Header Fields Too Large",
+                "upgrade request too large",
+            )
+        }
+        Err(_) => return reject(400, "Bad Request", "malformed HTTP request"),
     };
-    match p {
-        ProtocolError::WrongHttpMethod => reject(405, "Method Not Allowed", "use GET to upgrade"),
-        ProtocolError::MissingConnectionUpgradeHeader
-        | ProtocolError::MissingUpgradeWebSocketHeader => reject(
+    if request.method != Some("GET") {
+        return reject(405, "Method Not Allowed", "use GET to upgrade");
+    }
+    if request.version != Some(1) {
+        return reject(400, "Bad Request", "HTTP/1.1 or later required");
+    }
+    let header = |name: &str| {
+        request
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    if !has_token(header("Upgrade"), "websocket") || !has_token(header("Connection"), "upgrade") {
+        return reject(
             426,
             "Upgrade Required",
             "this is a WebSocket server: send an upgrade request",
-        ),
-        ProtocolError::MissingSecWebSocketVersionHeader => {
-            reject(426, "Upgrade Required", "Sec-WebSocket-Version must be 13")
-        }
-        ProtocolError::MissingSecWebSocketKey => {
-            reject(400, "Bad Request", "missing Sec-WebSocket-Key")
-        }
-        ProtocolError::InvalidSecWebSocketKey => {
-            reject(400, "Bad Request", "invalid Sec-WebSocket-Key")
-        }
-        ProtocolError::WrongHttpVersion => reject(400, "Bad Request", "HTTP/1.1 or later required"),
-        _ => reject(400, "Bad Request", "invalid upgrade request"),
+        );
     }
+    if header("Sec-WebSocket-Version") != Some(b"13") {
+        return reject(426, "Upgrade Required", "Sec-WebSocket-Version must be 13");
+    }
+    let Some(key) = header("Sec-WebSocket-Key") else {
+        return reject(400, "Bad Request", "missing Sec-WebSocket-Key");
+    };
+    if !is_valid_key(key) {
+        return reject(400, "Bad Request", "invalid Sec-WebSocket-Key");
+    }
+    Outcome::Upgrade {
+        response: switching_protocols(&derive_accept_key(key)),
+        consumed,
+    }
+}
+
+/// Whether a comma-separated header value holds `token` (case-insensitive).
+fn has_token(value: Option<&[u8]>, token: &str) -> bool {
+    value.is_some_and(|v| {
+        v.split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// A key is 16 bytes in base64: 22 base64 characters and `==`.
+fn is_valid_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22]
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+fn switching_protocols(accept: &str) -> Frame {
+    let mut response = [0u8; 160];
+    let mut out = &mut response[..];
+    write!(
+        out,
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .expect("a 101 response fits in 160 bytes");
+    let len = 160 - out.len();
+    Frame::from(&response[..len])
 }
 
 fn reject(status: u16, phrase: &str, reason: &str) -> Outcome {
@@ -81,7 +123,7 @@ fn reject(status: u16, phrase: &str, reason: &str) -> Outcome {
     );
     Outcome::Reject {
         status,
-        response: response.into_bytes(),
+        response: Frame::from(response.into_bytes()),
     }
 }
 
@@ -90,7 +132,7 @@ mod tests {
     use super::*;
 
     const GOOD: &str = "GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
         Sec-WebSocket-Version: 13\r\n\r\n";
 
     fn status(outcome: &Outcome) -> u16 {
@@ -109,9 +151,12 @@ mod tests {
             panic!("not upgraded");
         };
         assert_eq!(consumed, GOOD.len(), "frame bytes after the request stay");
-        let text = String::from_utf8(response).unwrap();
-        assert!(text.starts_with("HTTP/1.1 101"), "{text}");
-        assert!(text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{text}");
+        let text = std::str::from_utf8(&response).unwrap();
+        assert_eq!(
+            text,
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+        );
     }
 
     #[test]
@@ -124,11 +169,20 @@ mod tests {
         assert_eq!(status(&process(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")), 426);
         assert_eq!(status(&process(b"POST / HTTP/1.1\r\nHost: x\r\n\r\n")), 405);
         assert_eq!(status(&process(b"\x16\x03\x01garbage\r\n\r\n")), 400);
+        let old = GOOD.replace("HTTP/1.1", "HTTP/1.0");
+        assert_eq!(status(&process(old.as_bytes())), 400);
         let no_key = GOOD.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
         assert_eq!(status(&process(no_key.as_bytes())), 400);
+        let bad_key = GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short==");
+        assert_eq!(status(&process(bad_key.as_bytes())), 400);
         let v8 = GOOD.replace("Version: 13", "Version: 8");
         assert_eq!(status(&process(v8.as_bytes())), 426);
+        let no_conn = GOOD.replace("keep-alive, Upgrade", "keep-alive");
+        assert_eq!(status(&process(no_conn.as_bytes())), 426);
         let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_REQUEST_BYTES));
         assert_eq!(status(&process(huge.as_bytes())), 431);
+        let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
+        let crowded = GOOD.replace("Host: x\r\n", &many);
+        assert_eq!(status(&process(crowded.as_bytes())), 431);
     }
 }
