@@ -128,3 +128,18 @@ impl Default for Conn {
         Conn::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_state_stays_small() {
+        // Tens of thousands live in one worker: keep the fixed part small.
+        assert!(
+            std::mem::size_of::<Conn>() <= 112,
+            "{}",
+            std::mem::size_of::<Conn>()
+        );
+    }
+}
