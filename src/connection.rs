@@ -65,12 +65,8 @@ pub struct ConnState {
     /// The socket, for writing delivered frames straight from the shard.
     fd: RawFd,
     pub phase: Phase,
-    /// Frames the socket did not take yet; the first may be partly written.
-    out: VecDeque<Frame>,
-    /// Bytes of `out[0]` already written.
-    out_offset: u32,
-    /// Bytes waiting in `out`, checked against the slow-consumer limit.
-    out_bytes: u32,
+    /// What the socket did not take yet; allocated only while it is full.
+    backlog: Option<Box<Backlog>>,
     /// The task's waker, to make it flush, or notice a kill.
     pub waker: Option<Waker>,
     /// Set by the shard; the task acts on it at its next poll.
@@ -91,9 +87,7 @@ impl ConnState {
         ConnState {
             fd,
             phase: Phase::Handshake,
-            out: VecDeque::new(),
-            out_offset: 0,
-            out_bytes: 0,
+            backlog: None,
             waker: None,
             kill: None,
             last_rx_ms: now_ms,
@@ -114,46 +108,75 @@ impl ConnState {
     }
 
     /// Writes `frame` now if nothing is queued and the socket takes it;
-    /// otherwise queues it (sharing, not copying, the bytes). Returns true
-    /// when the frame had to be queued.
-    pub fn write(&mut self, frame: &Frame, limit: usize) -> bool {
+    /// otherwise queues it (sharing, not copying, the bytes).
+    pub fn write(&mut self, frame: &Frame, limit: usize) {
         if self.kill == Some(Kill::Drop) {
-            return false;
+            return;
         }
-        if self.out.is_empty() {
-            match send_now(self.fd, frame) {
-                Ok(n) if n == frame.len() => return false,
-                Ok(n) => self.out_offset = n as u32,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.out_offset = 0,
-                Err(_) => {
-                    self.kill = Some(Kill::Drop);
-                    self.wake();
-                    return false;
-                }
+        let len = frame.len() as u32;
+        match &mut self.backlog {
+            Some(backlog) => {
+                backlog.frames.push_back(frame.clone());
+                backlog.bytes = backlog.bytes.saturating_add(len);
             }
-            self.out_bytes = (frame.len() - self.out_offset as usize) as u32;
-            self.out.push_back(frame.clone());
-            self.wake(); // the task must wait for the socket to drain
-        } else {
-            self.out_bytes = self.out_bytes.saturating_add(frame.len() as u32);
-            self.out.push_back(frame.clone());
+            None => {
+                let written = match send_now(self.fd, frame) {
+                    Ok(n) if n == frame.len() => return,
+                    Ok(n) => n as u32,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(_) => {
+                        self.kill = Some(Kill::Drop);
+                        self.wake();
+                        return;
+                    }
+                };
+                self.backlog = Some(Box::new(Backlog {
+                    frames: VecDeque::from([frame.clone()]),
+                    offset: written,
+                    bytes: len - written,
+                }));
+                self.wake(); // the task must wait for the socket to drain
+            }
         }
-        if self.out_bytes as usize > limit && self.phase != Phase::Closing && self.kill.is_none() {
+        if self.queued_bytes() > limit && self.phase != Phase::Closing && self.kill.is_none() {
             self.kill = Some(Kill::SlowConsumer);
             self.wake();
         }
-        true
     }
 
     /// Drops every queued frame except one already partly written (cutting
     /// it would corrupt the stream), so a close frame can follow at once.
-    fn discard_queue(&mut self) {
-        let keep = if self.out_offset > 0 { 1 } else { 0 };
-        self.out.truncate(keep);
-        self.out_bytes = self
-            .out
-            .front()
-            .map_or(0, |f| (f.len() - self.out_offset as usize) as u32);
+    fn discard_backlog(&mut self) {
+        if let Some(backlog) = &mut self.backlog {
+            if backlog.offset == 0 {
+                self.backlog = None;
+            } else {
+                backlog.frames.truncate(1);
+                backlog.bytes = backlog.frames[0].len() as u32 - backlog.offset;
+            }
+        }
+    }
+
+    /// The frame to write next and how much of it is written already.
+    fn next_to_flush(&self) -> Option<(Frame, usize)> {
+        let backlog = self.backlog.as_ref()?;
+        Some((backlog.frames.front()?.clone(), backlog.offset as usize))
+    }
+
+    /// Records that `n` more bytes of the head frame went out.
+    fn flushed(&mut self, n: usize) {
+        let Some(backlog) = &mut self.backlog else {
+            return;
+        };
+        backlog.bytes -= n as u32;
+        backlog.offset += n as u32;
+        if backlog.offset as usize == backlog.frames[0].len() {
+            backlog.frames.pop_front();
+            backlog.offset = 0;
+            if backlog.frames.is_empty() {
+                self.backlog = None; // give the memory back
+            }
+        }
     }
 
     fn wake(&self) {
@@ -163,8 +186,20 @@ impl ConnState {
     }
 
     pub fn queued_bytes(&self) -> usize {
-        self.out_bytes as usize
+        self.backlog.as_ref().map_or(0, |b| b.bytes as usize)
     }
+}
+
+/// Frames waiting for a full socket to drain.
+#[derive(Debug)]
+struct Backlog {
+    /// The frames, shared with every other recipient; the first may be
+    /// partly written.
+    frames: VecDeque<Frame>,
+    /// Bytes of `frames[0]` already written.
+    offset: u32,
+    /// Bytes still to write, checked against the slow-consumer limit.
+    bytes: u32,
 }
 
 /// One non-blocking send; never raises SIGPIPE.
@@ -274,32 +309,19 @@ impl Connection {
     }
 
     fn queue_empty(&self) -> bool {
-        self.shard.with_conn(self.key, |c| c.out.is_empty())
+        self.shard.with_conn(self.key, |c| c.backlog.is_none())
     }
 
     /// Writes queued frames until the queue is empty or the socket is full
     /// (then the task is woken when it drains). Err: the peer is gone.
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
         loop {
-            let head = self.shard.with_conn(self.key, |c| {
-                c.out.front().map(|f| (f.clone(), c.out_offset as usize))
-            });
-            let Some((frame, offset)) = head else {
+            let Some((frame, offset)) = self.shard.with_conn(self.key, |c| c.next_to_flush())
+            else {
                 return Ok(());
             };
             match Pin::new(&mut self.stream).poll_write(cx, &frame[offset..]) {
-                Poll::Ready(Ok(n)) => self.shard.with_conn(self.key, |c| {
-                    c.out_bytes -= n as u32;
-                    if offset + n == frame.len() {
-                        c.out.pop_front();
-                        c.out_offset = 0;
-                        if c.out.is_empty() {
-                            c.out = VecDeque::new(); // give the memory back
-                        }
-                    } else {
-                        c.out_offset = (offset + n) as u32;
-                    }
-                }),
+                Poll::Ready(Ok(n)) => self.shard.with_conn(self.key, |c| c.flushed(n)),
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => return Ok(()),
             }
@@ -329,7 +351,7 @@ impl Connection {
             }
             (Kill::SlowConsumer, _) => {
                 self.shard.stats.inc(Counter::SlowConsumers);
-                self.shard.with_conn(self.key, |c| c.discard_queue());
+                self.shard.with_conn(self.key, |c| c.discard_backlog());
                 self.close(close_code::POLICY, "slow consumer");
             }
             (Kill::Shutdown, _) => self.close(close_code::GOING_AWAY, "server shutting down"),
@@ -567,5 +589,85 @@ impl Connection {
     fn write(&mut self, frame: &Frame) {
         let limit = self.shard.config.max_outbound_bytes;
         self.shard.with_conn(self.key, |c| c.write(frame, limit));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    /// A connection state writing into one end of a socket pair that nobody
+    /// reads until the test says so.
+    fn open_state() -> (ConnState, UnixStream, UnixStream) {
+        // `ours` must outlive the state, which only borrows its descriptor.
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let mut state = ConnState::new(ours.as_raw_fd(), 0, u64::MAX);
+        state.phase = Phase::Open;
+        (state, ours, theirs)
+    }
+
+    #[test]
+    fn writes_go_straight_out_until_the_socket_is_full() {
+        let (mut state, _ours, mut theirs) = open_state();
+        let frame = frame::encode(Opcode::Text, b"hello");
+        assert!(state.deliver(&frame, 1 << 20));
+        assert!(
+            state.backlog.is_none(),
+            "nothing queued while the socket keeps up"
+        );
+        let mut got = [0u8; 7];
+        theirs.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..], &frame[..]);
+    }
+
+    #[test]
+    fn a_full_socket_queues_shared_frames_then_trips_the_limit() {
+        let (mut state, _ours, mut theirs) = open_state();
+        let big: Frame = frame::encode(Opcode::Binary, &[7u8; 4096]);
+        let mut sent = 0;
+        while state.backlog.is_none() {
+            state.deliver(&big, 1 << 20);
+            sent += 1;
+        }
+        let queued = state.queued_bytes();
+        assert!(queued > 0 && queued <= big.len(), "{queued}");
+        state.deliver(&big, 1 << 20);
+        assert_eq!(state.queued_bytes(), queued + big.len());
+        assert_eq!(
+            std::sync::Arc::strong_count(&big),
+            3,
+            "queued frames are shared, not copied"
+        );
+        assert_eq!(state.kill, None);
+
+        // Past the limit the connection is marked slow.
+        state.deliver(&big, queued + big.len());
+        assert_eq!(state.kill, Some(Kill::SlowConsumer));
+        assert!(!state.deliver(&big, usize::MAX), "no delivery once marked");
+
+        // Dropping the backlog keeps a half-written head frame whole.
+        let half_written = state.backlog.as_ref().unwrap().offset > 0;
+        state.discard_backlog();
+        match state.next_to_flush() {
+            None => assert!(!half_written, "a half-written frame was dropped"),
+            Some((head, offset)) => {
+                assert!(half_written && offset > 0);
+                assert_eq!(state.backlog.as_ref().unwrap().frames.len(), 1);
+                assert_eq!(state.queued_bytes(), head.len() - offset);
+                // Once the head is written the backlog is gone, memory and all.
+                state.flushed(head.len() - offset);
+            }
+        }
+        assert!(state.backlog.is_none());
+        assert_eq!(state.queued_bytes(), 0);
+        let _ = theirs.set_nonblocking(true);
+        let mut sink = vec![0u8; 1 << 16];
+        assert!(
+            theirs.read(&mut sink).unwrap() > 0,
+            "{sent} frames went out directly"
+        );
     }
 }
