@@ -93,6 +93,11 @@ impl Workers {
         self.stdins.len()
     }
 
+    /// Process ids of the workers (for their CPU time).
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
     pub fn send(&mut self, w: usize, cmd: &Value) {
         let _ = writeln!(self.stdins[w], "{cmd}");
         let _ = self.stdins[w].flush();
@@ -300,6 +305,52 @@ pub fn source_pool(cidr: &str, max: usize) -> Result<Vec<Ipv4Addr>, String> {
     Ok(out)
 }
 
+/// CPU time of the server and of the flood (coordinator + workers) at the
+/// start of a phase, to say how many cores each used during it.
+struct CpuMark {
+    /// When the phase started.
+    wall: Instant,
+    /// Server CPU ns so far (None without --server-pid).
+    server_ns: Option<u64>,
+    /// Flood CPU ns so far, all its processes.
+    flood_ns: Option<u64>,
+}
+
+impl CpuMark {
+    fn now(server_pids: &[u32], workers: &Workers) -> CpuMark {
+        let mut flood = workers.pids();
+        flood.push(std::process::id());
+        CpuMark {
+            wall: Instant::now(),
+            server_ns: proc_stats::total_cpu_ns(server_pids),
+            flood_ns: proc_stats::total_cpu_ns(&flood),
+        }
+    }
+
+    /// Prints and returns the cores used since the mark.
+    fn report(&self, server_pids: &[u32], workers: &Workers) -> Value {
+        let end = CpuMark::now(server_pids, workers);
+        let wall = self.wall.elapsed().as_secs_f64().max(1e-9);
+        let cores = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => {
+                Some(((b.saturating_sub(a)) as f64 / 1e9 / wall * 100.0).round() / 100.0)
+            }
+            _ => None,
+        };
+        let server = cores(self.server_ns, end.server_ns);
+        let flood = cores(self.flood_ns, end.flood_ns);
+        let show = |c: Option<f64>| c.map_or("?".to_string(), |c| format!("{c:.2}"));
+        println!(
+            "  cpu over {wall:.2} s: server {} cores, flood {} cores (of {} on this host)",
+            show(server),
+            show(flood),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        json!({"wall_s": (wall * 1000.0).round() / 1000.0, "server_cores": server,
+            "flood_cores": flood})
+    }
+}
+
 /// Sums a numeric field over worker answers.
 fn sum(answers: &[(usize, Value)], key: &str) -> u64 {
     answers
@@ -380,6 +431,7 @@ pub fn run(args: &Args) -> i32 {
     };
     let mut server_pids = args.server_pids.clone();
     server_pids.sort_unstable();
+    server_pids.dedup();
 
     println!("corepush-flood: {conns} connections to {:?}, {procs} worker process(es), fd limit {soft}/{hard}, {} source address(es)",
         args.targets, sources.len());
@@ -483,6 +535,7 @@ pub fn run(args: &Args) -> i32 {
         }
     );
     workers.phase_start();
+    let mark = CpuMark::now(&server_pids, &workers);
     workers.send_all(
         &json!({"cmd": "connect", "rate": args.connect_rate / procs as f64,
         "inflight": args.inflight, "timeout_ns": (args.connect_timeout * 1e9) as u64}),
@@ -537,9 +590,10 @@ pub fn run(args: &Args) -> i32 {
         json!({"requested": conns, "established": established, "failed": failed,
             "per_sec": per_sec.round(), "procs": procs, "flood_rss_bytes": flood_rss}),
     );
+    let cpu = mark.report(&server_pids, &workers);
     out.insert(
         "connect".into(),
-        json!({"latency_us": summary_json(&connect_hist)}),
+        json!({"latency_us": summary_json(&connect_hist), "cpu": cpu}),
     );
 
     // ---- hold
@@ -595,7 +649,7 @@ pub fn run(args: &Args) -> i32 {
     // ---- targeted
     let mut targeted_hist = new_hist();
     if args.msgs > 0 && established > 0 {
-        let (v, h) = targeted_phase(args, &mut workers, "targeted", args.seed, 0.0);
+        let (v, h) = targeted_phase(args, &mut workers, &server_pids, "targeted", args.seed, 0.0);
         if !v["ok"].as_bool().unwrap_or(false) {
             ok = false;
             problems.push("targeted: lost/duplicated/misrouted/reordered messages".into());
@@ -607,7 +661,7 @@ pub fn run(args: &Args) -> i32 {
     // ---- broadcast
     let mut bcast_last = new_hist();
     if args.broadcasts > 0 && established > 0 {
-        let (v, last) = broadcast_phase(args, &mut workers, conns as usize);
+        let (v, last) = broadcast_phase(args, &mut workers, &server_pids, conns as usize);
         if !v["ok"].as_bool().unwrap_or(false) {
             ok = false;
             problems.push("broadcast: lost or duplicated deliveries".into());
@@ -621,6 +675,7 @@ pub fn run(args: &Args) -> i32 {
         let (v, _) = targeted_phase(
             args,
             &mut workers,
+            &server_pids,
             "churn",
             args.seed.wrapping_add(1),
             args.churn,
@@ -754,6 +809,7 @@ pub fn run(args: &Args) -> i32 {
 fn targeted_phase(
     args: &Args,
     workers: &mut Workers,
+    server_pids: &[u32],
     label: &str,
     seed: u64,
     churn: f64,
@@ -770,6 +826,7 @@ fn targeted_phase(
         );
     }
     workers.phase_start();
+    let mark = CpuMark::now(server_pids, workers);
     let start = sys::now_ns() + 100_000_000;
     workers.send_all(
         &json!({"cmd": "targeted", "label": label, "seed": seed, "msgs": args.msgs,
@@ -778,6 +835,7 @@ fn targeted_phase(
     let wait = Duration::from_secs_f64(duration + 0.1 + args.drain_secs);
     let done = workers.wait_for(|v| v["ev"] == "targeted_done", procs, wait, None);
     let all_done = done.len() == procs;
+    let cpu = mark.report(server_pids, workers);
     // A moment for duplicates to show up.
     std::thread::sleep(Duration::from_millis(200));
     workers.send_all(&json!({"cmd": "targeted_report"}));
@@ -827,6 +885,7 @@ fn targeted_phase(
         "misrouted": mis, "reordered": reord, "expected": exp_s + exp_c,
         "rate": args.msg_rate, "msgs": args.msgs,
         "latency_us": summary_json(&hist),
+        "cpu": cpu,
         "churned": {"conns": churned, "reconnected": reconnected, "reconnect_failed": reconnect_failed,
             "expected": exp_c, "delivered": del_c, "not_delivered": exp_c.saturating_sub(del_c),
             "not_sent": skipped, "reconnect_latency_us": summary_json(&rec_hist)},
@@ -839,13 +898,19 @@ fn targeted_phase(
 /// connection, waiting until every worker saw it (or a timeout) before the
 /// next, so they never overlap. Returns its JSON and the per-broadcast
 /// last-recipient histogram.
-fn broadcast_phase(args: &Args, workers: &mut Workers, conns: usize) -> (Value, Histogram<u64>) {
+fn broadcast_phase(
+    args: &Args,
+    workers: &mut Workers,
+    server_pids: &[u32],
+    conns: usize,
+) -> (Value, Histogram<u64>) {
     let procs = workers.len();
     println!(
         "\n== broadcast: {} broadcasts to every connection, one at a time",
         args.broadcasts
     );
     workers.phase_start();
+    let mark = CpuMark::now(server_pids, workers);
     let mut rng = Rng::new(args.seed ^ 0xB0AD);
     let mut last_hist = new_hist();
     let mut sent_ok = 0u64;
@@ -897,6 +962,7 @@ fn broadcast_phase(args: &Args, workers: &mut Workers, conns: usize) -> (Value, 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let cpu = mark.report(server_pids, workers);
     std::thread::sleep(Duration::from_millis(200));
     workers.send_all(&json!({"cmd": "bcast_report"}));
     let r = workers.wait_for(
@@ -919,6 +985,7 @@ fn broadcast_phase(args: &Args, workers: &mut Workers, conns: usize) -> (Value, 
         "count": sent_ok, "requested": args.broadcasts, "complete": complete,
         "expected": expected, "deliveries": deliveries, "lost": lost, "duplicated": dup,
         "latency_us": summary_json(&hist), "last_recipient_us": summary_json(&last_hist),
+        "cpu": cpu,
         "ok": ok,
     });
     (v, last_hist)

@@ -24,6 +24,34 @@ pub fn total_rss(pids: &[u32]) -> Option<u64> {
     pids.iter().map(|&p| rss_bytes(p)).sum()
 }
 
+/// CPU time (user + system) a process has used so far, in nanoseconds, from
+/// /proc/PID/stat (fields 14 and 15, in clock ticks).
+pub fn cpu_ns(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ticks = parse_stat_ticks(&stat)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(ticks * 1_000_000_000 / hz)
+}
+
+fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may contain spaces: split after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3, so fields 14 and 15 are at 11 and 12.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Sum of `cpu_ns` over processes; None if any cannot be read, or none.
+pub fn total_cpu_ns(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| cpu_ns(p)).sum()
+}
+
 /// Kernel memory used by TCP sockets, system-wide: the `mem` field of
 /// /proc/net/sockstat (pages) times the page size.
 pub fn tcp_mem_bytes() -> Option<u64> {
@@ -60,5 +88,8 @@ mod tests {
             "sockets: used 15\nTCP: inuse 1 orphan 0 tw 0 alloc 1 mem 255\nUDP: inuse 0 mem 0\n";
         assert_eq!(parse_sockstat_mem(sockstat), Some(255));
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
+        let stat = "42 (a b) S 1 42 42 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 1 0 99 0";
+        assert_eq!(parse_stat_ticks(stat), Some(10));
+        assert!(cpu_ns(std::process::id()).is_some());
     }
 }
