@@ -23,6 +23,14 @@ use crate::stats::{ShardStats, Snapshot};
 /// a default `ulimit -l` of 8 MiB for non-root users).
 const IO_MEMORY: usize = 1 << 20;
 
+/// Entries of each io_uring submission queue. The kernel sizes the hash
+/// table it searches on every cancellation by this (8 buckets at glommio's
+/// default of 128, up to its maximum of 256 from 4096 on), and glommio
+/// cancels a timer on every wake-up while every idle connection keeps a poll
+/// request in that table: at 9,500 connections a shard spent half its time
+/// walking 1,200-entry buckets (docs/decisions.md).
+const RING_DEPTH: usize = 4096;
+
 /// A running server.
 pub struct ServerHandle {
     addr: SocketAddr,
@@ -79,6 +87,7 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
         let thread = LocalExecutorBuilder::new(Placement::Fixed(cpus[i % cpus.len()]))
             .name(&format!("corepush-shard-{i}"))
             .io_memory(IO_MEMORY)
+            .ring_depth(RING_DEPTH)
             .spawn(move || async move {
                 // SAFETY: both descriptors were just created for this shard
                 // alone and their ownership moves here.
