@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!   Handshake ──upgrade──> Login ──valid uid──> Open ──close / error / kill──> Closing ──> gone
+//!       │                    └──uid homed elsewhere──> Moved (socket handed to the home shard)
 //!       └──────────── bad request, timeout ────────────────────────────────────┘
 //! ```
 //!
@@ -17,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
@@ -28,6 +29,7 @@ use glommio::net::TcpStream;
 use crate::frame::{self, close_code, ClosePayload, Frame, FrameError, Opcode};
 use crate::handshake::{self, Outcome};
 use crate::protocol::{self, Send};
+use crate::router::ShardId;
 use crate::shard::Shard;
 use crate::slab::Key;
 use crate::stats::Counter;
@@ -41,6 +43,9 @@ pub enum Phase {
     Login,
     /// Logged in: sends and deliveries flow.
     Open,
+    /// Logged in as a uid homed on another shard: the socket is being handed
+    /// over there, and this shard's task ends.
+    Moved,
     /// A close frame (or an HTTP error) is on its way out; nothing more is
     /// delivered, and the socket goes once the client closes or time runs out.
     Closing,
@@ -66,7 +71,7 @@ pub struct ConnState {
     fd: RawFd,
     pub phase: Phase,
     /// What the socket did not take yet; allocated only while it is full.
-    backlog: Option<Box<Backlog>>,
+    pub(crate) backlog: Option<Box<Backlog>>,
     /// The task's waker, to make it flush, or notice a kill.
     pub waker: Option<Waker>,
     /// Set by the shard; the task acts on it at its next poll.
@@ -192,7 +197,7 @@ impl ConnState {
 
 /// Frames waiting for a full socket to drain.
 #[derive(Debug)]
-struct Backlog {
+pub struct Backlog {
     /// The frames, shared with every other recipient; the first may be
     /// partly written.
     frames: VecDeque<Frame>,
@@ -200,6 +205,18 @@ struct Backlog {
     offset: u32,
     /// Bytes still to write, checked against the slow-consumer limit.
     bytes: u32,
+}
+
+/// A logged-in connection on its way to the home shard of its uid.
+#[derive(Debug)]
+pub struct Handover {
+    /// A duplicate of the socket: the shard that accepted it closes its own.
+    pub(crate) fd: OwnedFd,
+    pub(crate) uid: Box<str>,
+    /// Bytes read after the login frame, not yet parsed.
+    pub(crate) carry: Vec<u8>,
+    /// Output the socket had not taken yet (normally none).
+    pub(crate) backlog: Option<Box<Backlog>>,
 }
 
 /// One non-blocking send; never raises SIGPIPE.
@@ -235,10 +252,13 @@ pub struct Connection {
     message_op: Option<Opcode>,
     /// The write side has been shut down (after the last frame went out).
     half_closed: bool,
+    /// Set at login when the uid's home is another shard: where to go.
+    moving_to: Option<(ShardId, Box<str>)>,
 }
 
-/// Runs one connection until it is gone, then removes every trace of it.
-pub async fn serve(shard: Rc<Shard>, key: Key, stream: TcpStream) {
+/// Runs one connection until it is gone (or handed over), then removes
+/// every trace of it here. `carry` holds bytes already read from it.
+pub async fn serve(shard: Rc<Shard>, key: Key, stream: TcpStream, mut carry: Vec<u8>) {
     let mut conn = Connection {
         shard,
         key,
@@ -247,7 +267,11 @@ pub async fn serve(shard: Rc<Shard>, key: Key, stream: TcpStream) {
         message: Vec::new(),
         message_op: None,
         half_closed: false,
+        moving_to: None,
     };
+    if !carry.is_empty() {
+        conn.on_frame_bytes(&mut carry);
+    }
     futures_lite::future::poll_fn(|cx| conn.poll(cx)).await;
     conn.shard.forget(conn.key);
     // Dropping the stream closes the socket, after the uid entry is gone.
@@ -282,7 +306,12 @@ impl Connection {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(()),
                 Poll::Ready(Ok(n)) => {
                     self.on_bytes(&mut scratch[..n]);
-                    Poll::Pending
+                    if self.moving_to.is_some() {
+                        self.hand_over();
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending
+                    }
                 }
                 Poll::Pending => {
                     self.shard.put_scratch(scratch);
@@ -302,6 +331,32 @@ impl Connection {
         // Busy connection: let the others run, then come back.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Gives the socket (a duplicate of it), the unparsed bytes and any
+    /// unsent output to the uid's home shard. This task then ends and closes
+    /// its own descriptor; the socket lives on through the duplicate.
+    fn hand_over(&mut self) {
+        let Some((home, uid)) = self.moving_to.take() else {
+            return;
+        };
+        let Ok(fd) = self.stream_fd().try_clone_to_owned() else {
+            return; // out of descriptors: the connection is dropped
+        };
+        let backlog = self.shard.with_conn(self.key, |c| c.backlog.take());
+        let carry = std::mem::take(&mut self.pending);
+        let handover = Handover {
+            fd,
+            uid,
+            carry,
+            backlog,
+        };
+        self.shard.hand_over(home, handover);
+    }
+
+    fn stream_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: the stream owns this descriptor for as long as `self` lives.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.stream.as_raw_fd()) }
     }
 
     fn phase(&self) -> Phase {
@@ -370,7 +425,7 @@ impl Connection {
         match phase {
             Phase::Handshake => self.on_request_bytes(data),
             Phase::Login | Phase::Open => self.on_frame_bytes(data),
-            Phase::Closing => {} // read and dropped until the client closes
+            Phase::Closing | Phase::Moved => {} // read and dropped until the client closes
         }
     }
 
@@ -417,7 +472,7 @@ impl Connection {
     fn on_frame_bytes(&mut self, data: &mut [u8]) {
         if self.pending.is_empty() {
             let used = self.parse_frames(data);
-            if used < data.len() && self.is_reading_frames() {
+            if used < data.len() && self.keeps_unparsed_bytes() {
                 self.pending = data[used..].to_vec();
             }
             return;
@@ -425,7 +480,7 @@ impl Connection {
         let mut buf = std::mem::take(&mut self.pending);
         buf.extend_from_slice(data);
         let used = self.parse_frames(&mut buf);
-        if used < buf.len() && self.is_reading_frames() {
+        if used < buf.len() && self.keeps_unparsed_bytes() {
             buf.drain(..used);
             self.pending = buf;
         }
@@ -433,6 +488,12 @@ impl Connection {
 
     fn is_reading_frames(&self) -> bool {
         matches!(self.phase(), Phase::Login | Phase::Open)
+    }
+
+    /// Bytes after the last complete frame are kept to parse later, here or,
+    /// after a handover, on the home shard.
+    fn keeps_unparsed_bytes(&self) -> bool {
+        matches!(self.phase(), Phase::Login | Phase::Open | Phase::Moved)
     }
 
     /// Handles the complete frames at the start of `buf`; returns the bytes used.
@@ -514,18 +575,23 @@ impl Connection {
         match self.phase() {
             Phase::Login => self.login(payload),
             Phase::Open => self.send(opcode, payload),
-            Phase::Handshake | Phase::Closing => {}
+            Phase::Handshake | Phase::Closing | Phase::Moved => {}
         }
     }
 
     fn login(&mut self, payload: &[u8]) {
         match protocol::validate_uid(payload) {
             Ok(uid) => {
-                self.shard.login(self.key, uid);
-                self.write(&frame::encode(
-                    Opcode::Text,
-                    protocol::login_reply(uid).as_bytes(),
-                ));
+                let home = self.shard.home_of(uid);
+                if home == self.shard.id {
+                    self.shard.login(self.key, uid);
+                    let reply = protocol::login_reply(uid);
+                    self.write(&frame::encode(Opcode::Text, reply.as_bytes()));
+                } else {
+                    // Stop parsing here: what follows belongs to the home shard.
+                    self.moving_to = Some((home, uid.into()));
+                    self.shard.with_conn(self.key, |c| c.phase = Phase::Moved);
+                }
             }
             Err(e) => {
                 self.shard.stats.inc(Counter::LoginRefused);

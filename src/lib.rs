@@ -15,10 +15,11 @@
 //! - [`frame`]: WebSocket framing: parsing client frames, encoding shared
 //!   server frames.
 //! - [`protocol`]: the corepush messages: login uid, `<to>:<payload>`.
-//! - [`uid_table`]: the shard-local uid → connections map and the directory
-//!   of uids homed on the shard.
+//! - [`uid_table`]: the shard-local uid → connections map (every connection
+//!   of a uid lives on the uid's home shard).
 //! - [`router`]: home shard of a uid, and the inboxes between shards (and
-//!   from threads that are not shards).
+//!   from threads that are not shards), which also carry a connection to its
+//!   uid's home at login.
 //! - [`slab`]: generational connection table.
 //! - [`stats`]: per-shard counters.
 //! - [`config`], [`limits`]: settings and the open-file limit.

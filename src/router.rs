@@ -1,29 +1,27 @@
 //! The cross-shard router: which shard a uid lives on, and the inboxes that
 //! carry messages between shards.
 //!
-//! Every uid has a *home* shard, chosen by a stable hash of its bytes. The
-//! home keeps the uid's directory entry (which shards host a connection of
-//! it). Every message for a connection passes through the home shard of that
-//! connection's uid:
+//! Every uid has a *home* shard, chosen by a stable hash of its bytes, and
+//! every connection of the uid lives there. A connection is accepted by
+//! whichever shard the kernel picks (SO_REUSEPORT); when it logs in, that
+//! shard hands its socket over to the uid's home (`ShardMsg::Adopt`), which
+//! registers it and sends the login reply. So a message for a uid takes at
+//! most one hop:
 //!
 //! ```text
-//!   sender's shard ──(1)──> home shard of the uid ──(2)──> shard hosting the connection
+//!   sender's shard ──(0 or 1 hop)──> home shard of the uid = every connection of the uid
 //! ```
 //!
-//! so it takes at most two hops, and since each hop is a FIFO queue, messages
-//! from one sender to one recipient keep their order, targeted and broadcast
-//! alike (a broadcast goes to every home shard, which forwards it to every
-//! host for the connections whose uid it is home to).
+//! and a broadcast goes from the sender's shard to every shard. Each hop is
+//! a FIFO queue, so messages from one sender to one recipient keep their
+//! order, targeted and broadcast alike.
 //!
 //! Each shard has one inbox: a crossbeam MPSC queue that any thread may push
 //! to (shards, and later the HTTP API and the cluster bridge), plus a
 //! doorbell: a socket pair the shard waits on, through io_uring, only when its
 //! queue is empty. A producer rings it only when the shard has said it is
 //! about to sleep, so a busy shard is never woken by syscalls and an idle one
-//! burns no CPU polling. A single MPSC queue (rather than a mesh of SPSC
-//! queues) also orders messages across producers: a login's registration
-//! enqueued before its reply is always handled before any message sent in
-//! answer to that reply. docs/decisions.md has the measurements.
+//! burns no CPU polling. docs/decisions.md has the measurements.
 
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -33,6 +31,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::connection::Handover;
 use crate::frame::Frame;
 
 /// A shard's index, 0..shards.
@@ -44,32 +43,17 @@ pub type Origin = Option<ShardId>;
 /// What travels between shards.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// To the uid's home: shard `host` now has a connection of `uid` (sent
-    /// when its first local connection of that uid logs in).
-    Register { uid: Arc<str>, host: ShardId },
-    /// To the uid's home: shard `host` no longer has a connection of `uid`.
-    Unregister { uid: Arc<str>, host: ShardId },
+    /// To a uid's home: a connection that just logged in as that uid on
+    /// another shard, to be registered and answered here.
+    Adopt(Box<Handover>),
     /// To the uid's home: deliver `frame` to every connection of `uid`.
     ToUid {
         uid: Arc<str>,
         frame: Frame,
         origin: Origin,
     },
-    /// To a host, from the uid's home: deliver to the local connections of `uid`.
-    Deliver {
-        uid: Arc<str>,
-        frame: Frame,
-        origin: Origin,
-    },
-    /// To every home: deliver `frame` to every connection whose uid is homed here.
+    /// To every shard: deliver `frame` to every logged-in connection.
     Broadcast { frame: Frame, origin: Origin },
-    /// To a host, from home shard `home`: deliver `frame` to every local
-    /// logged-in connection whose uid is homed at `home`.
-    BroadcastPart {
-        home: ShardId,
-        frame: Frame,
-        origin: Origin,
-    },
     /// Stop accepting, close every connection with 1001, then stop.
     Shutdown,
 }

@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 use futures_lite::AsyncReadExt;
 use glommio::net::{TcpListener, UnixStream};
 use glommio::task::JoinHandle;
-use smallvec::SmallVec;
 use tracing::{debug, warn};
 
 use crate::config::Config;
-use crate::connection::{self, ConnState, Kill, Phase};
+use crate::connection::{self, ConnState, Handover, Kill, Phase};
 use crate::frame::{self, Frame, Opcode};
 use crate::limits;
+use crate::protocol;
 use crate::router::{InboxReceiver, Origin, Router, ShardId, ShardMsg};
 use crate::slab::{Key, Slab};
 use crate::stats::{Counter, ShardStats};
@@ -42,6 +42,8 @@ pub struct Shard {
     router: Router,
     inbox: InboxReceiver,
     conns: RefCell<Slab<ConnState>>,
+    /// The uids whose home is this shard, with their connections (all of
+    /// them live here).
     uids: RefCell<UidTable>,
     /// The read buffer every connection of this shard reads into, taken for
     /// the duration of one read and its processing.
@@ -65,7 +67,6 @@ impl Shard {
         inbox: InboxReceiver,
         stats: Arc<ShardStats>,
     ) -> Shard {
-        let shards = router.shards();
         Shard {
             id,
             config,
@@ -73,7 +74,7 @@ impl Shard {
             router,
             inbox,
             conns: RefCell::new(Slab::default()),
-            uids: RefCell::new(UidTable::new(shards)),
+            uids: RefCell::new(UidTable::default()),
             scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
             ping: frame::encode(Opcode::Ping, &[]),
             epoch: Instant::now(),
@@ -147,7 +148,40 @@ impl Shard {
         let key = self.conns.borrow_mut().insert(state);
         self.stats.inc(Counter::Accepted);
         self.stats.inc(Counter::Connections);
-        glommio::spawn_local(connection::serve(self.clone(), key, stream)).detach();
+        glommio::spawn_local(connection::serve(self.clone(), key, stream, Vec::new())).detach();
+    }
+
+    /// Takes over a connection that logged in on another shard as a uid
+    /// whose home is this one: registers it, answers its login, and goes on
+    /// with any bytes the other shard had already read.
+    fn adopt(self: &Rc<Self>, handover: Handover) {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let Handover {
+            fd,
+            uid,
+            carry,
+            backlog,
+        } = handover;
+        // SAFETY: the descriptor was duplicated for this shard alone and its
+        // ownership moves into the stream.
+        let stream = unsafe { glommio::net::TcpStream::from_raw_fd(fd.into_raw_fd()) };
+        let now = self.tick();
+        let mut state = ConnState::new(std::os::fd::AsRawFd::as_raw_fd(&stream), now, u64::MAX);
+        state.backlog = backlog;
+        let key = self.conns.borrow_mut().insert(state);
+        self.stats.inc(Counter::Connections);
+        self.login(key, &uid);
+        let reply = frame::encode(Opcode::Text, protocol::login_reply(&uid).as_bytes());
+        let limit = self.config.max_outbound_bytes;
+        self.with_conn(key, |c| c.write(&reply, limit));
+        glommio::spawn_local(connection::serve(self.clone(), key, stream, carry)).detach();
+    }
+
+    /// Sends a connection that logged in here to its uid's home shard.
+    pub fn hand_over(&self, home: ShardId, handover: Handover) {
+        self.stats.inc(Counter::HandedOver);
+        self.stats.inc(Counter::CrossShardSent);
+        self.router.send(home, ShardMsg::Adopt(Box::new(handover)));
     }
 
     /// Removes a finished connection: its uid entry, then its slot.
@@ -157,13 +191,16 @@ impl Shard {
         self.stats.dec(Counter::Connections);
     }
 
-    /// Records a login: the local uid table now lists the connection, and
-    /// the uid's home learns of this shard if it is the uid's first here.
+    /// The shard every connection of `uid` lives on.
+    pub fn home_of(&self, uid: &str) -> ShardId {
+        self.router.home_of(uid)
+    }
+
+    /// Records a login of a uid homed here.
     pub fn login(&self, key: Key, uid: &str) {
-        let home = self.router.home_of(uid);
-        let (uid, first) = self.uids.borrow_mut().add_local(uid, home, key);
+        let (uid, first) = self.uids.borrow_mut().add(uid, key);
         self.with_conn(key, |c| {
-            c.uid = Some(uid.clone());
+            c.uid = Some(uid);
             c.phase = Phase::Open;
             c.deadline_ms = u64::MAX;
         });
@@ -171,59 +208,51 @@ impl Shard {
         self.stats.inc(Counter::LoggedIn);
         if first {
             self.stats.inc(Counter::LocalUids);
-            self.dispatch(home, ShardMsg::Register { uid, host: self.id });
         }
     }
 
-    /// Takes a connection out of the uid tables (once; later calls do nothing).
+    /// Takes a connection out of the uid table (once; later calls do nothing).
     pub fn logout(&self, key: Key) {
         let Some(uid) = self.with_conn(key, |c| c.uid.take()) else {
             return;
         };
         self.stats.dec(Counter::LoggedIn);
-        let home = self.router.home_of(&uid);
-        let last = self.uids.borrow_mut().remove_local(&uid, home, key);
-        if last {
+        if self.uids.borrow_mut().remove(&uid, key) {
             self.stats.dec(Counter::LocalUids);
-            self.dispatch(home, ShardMsg::Unregister { uid, host: self.id });
         }
     }
 
     // ---- messages leaving a connection ----
 
-    pub fn send_to_uid(&self, uid: &str, frame: Frame) {
+    pub fn send_to_uid(self: &Rc<Self>, uid: &str, frame: Frame) {
         let home = self.router.home_of(uid);
         let origin = Some(self.id);
         let uid = Arc::from(uid);
         self.dispatch(home, ShardMsg::ToUid { uid, frame, origin });
     }
 
-    pub fn broadcast(&self, frame: Frame) {
+    pub fn broadcast(self: &Rc<Self>, frame: Frame) {
         self.stats.inc(Counter::Broadcasts);
         let origin = Some(self.id);
-        for home in 0..self.router.shards() as ShardId {
+        for to in 0..self.router.shards() as ShardId {
             let frame = frame.clone();
-            self.dispatch(home, ShardMsg::Broadcast { frame, origin });
+            self.dispatch(to, ShardMsg::Broadcast { frame, origin });
         }
     }
 
-    /// Hands `msg` to shard `to`. For this shard itself it is handled at once
-    /// when the inbox is empty; otherwise it queues behind what is there, so
-    /// the order in which messages reach a shard is the order they were sent.
-    fn dispatch(&self, to: ShardId, msg: ShardMsg) {
-        if to == self.id && self.inbox.is_empty() {
+    /// Hands `msg` to shard `to`; for this shard itself, handles it now.
+    fn dispatch(self: &Rc<Self>, to: ShardId, msg: ShardMsg) {
+        if to == self.id {
             self.handle(msg);
             return;
         }
-        if to != self.id {
-            self.stats.inc(Counter::CrossShardSent);
-        }
+        self.stats.inc(Counter::CrossShardSent);
         self.router.send(to, msg);
     }
 
     // ---- messages arriving at the shard ----
 
-    async fn inbox_loop(&self, mut wake: UnixStream) {
+    async fn inbox_loop(self: &Rc<Self>, mut wake: UnixStream) {
         let mut bell = [0u8; 64];
         loop {
             let mut handled = 0;
@@ -246,73 +275,23 @@ impl Shard {
         }
     }
 
-    fn handle(&self, msg: ShardMsg) {
+    fn handle(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
-            ShardMsg::Register { uid, host } => {
-                if self.uids.borrow_mut().register_host(uid, host) {
-                    self.stats.inc(Counter::DirectoryUids);
-                }
-            }
-            ShardMsg::Unregister { uid, host } => {
-                if self.uids.borrow_mut().unregister_host(&uid, host) {
-                    self.stats.dec(Counter::DirectoryUids);
-                }
-            }
+            ShardMsg::Adopt(handover) => self.adopt(*handover),
             ShardMsg::ToUid { uid, frame, origin } => {
-                let hosts: SmallVec<[ShardId; 4]> = self.uids.borrow().hosts(&uid).into();
-                if hosts.is_empty() {
+                let uids = self.uids.borrow();
+                let conns = uids.get(&uid);
+                if conns.is_empty() {
                     self.stats.inc(Counter::NoRecipient);
                 }
-                for host in hosts {
-                    if host == self.id {
-                        self.deliver_to_uid(&uid, &frame, origin);
-                    } else {
-                        self.stats.inc(Counter::CrossShardSent);
-                        let (uid, frame) = (uid.clone(), frame.clone());
-                        self.router
-                            .send(host, ShardMsg::Deliver { uid, frame, origin });
-                    }
-                }
+                self.deliver(conns.iter().copied(), &frame, origin);
             }
-            ShardMsg::Deliver { uid, frame, origin } => self.deliver_to_uid(&uid, &frame, origin),
             ShardMsg::Broadcast { frame, origin } => {
-                for host in 0..self.router.shards() as ShardId {
-                    if host == self.id {
-                        self.deliver_to_home(self.id, &frame, origin);
-                    } else {
-                        self.stats.inc(Counter::CrossShardSent);
-                        let (home, frame) = (self.id, frame.clone());
-                        self.router.send(
-                            host,
-                            ShardMsg::BroadcastPart {
-                                home,
-                                frame,
-                                origin,
-                            },
-                        );
-                    }
-                }
+                let uids = self.uids.borrow();
+                self.deliver(uids.all(), &frame, origin);
             }
-            ShardMsg::BroadcastPart {
-                home,
-                frame,
-                origin,
-            } => self.deliver_to_home(home, &frame, origin),
             ShardMsg::Shutdown => self.shut_down(),
         }
-    }
-
-    /// Delivers to this shard's connections of `uid`.
-    fn deliver_to_uid(&self, uid: &str, frame: &Frame, origin: Origin) {
-        let home = self.router.home_of(uid);
-        let uids = self.uids.borrow();
-        self.deliver(uids.local(uid, home).iter().copied(), frame, origin);
-    }
-
-    /// Delivers to this shard's connections whose uid is homed at `home`.
-    fn deliver_to_home(&self, home: ShardId, frame: &Frame, origin: Origin) {
-        let uids = self.uids.borrow();
-        self.deliver(uids.local_by_home(home), frame, origin);
     }
 
     fn deliver(&self, keys: impl Iterator<Item = Key>, frame: &Frame, origin: Origin) {

@@ -14,15 +14,15 @@ pub enum Counter {
     Connections,
     /// Gauge: connections that have logged in and not yet closed.
     LoggedIn,
-    /// Gauge: distinct uids with a connection on this shard.
+    /// Gauge: distinct uids logged in on this shard (their home).
     LocalUids,
-    /// Gauge: uids whose home is this shard and that have a connection somewhere.
-    DirectoryUids,
     Accepted,
     /// accept() failed because the process or system ran out of descriptors.
     AcceptFdExhausted,
     HandshakeFailed,
     Logins,
+    /// Connections that logged in here and were handed to their uid's home.
+    HandedOver,
     LoginRefused,
     /// Data messages received from logged-in clients.
     MessagesIn,
@@ -55,11 +55,11 @@ impl Counter {
         Counter::Connections,
         Counter::LoggedIn,
         Counter::LocalUids,
-        Counter::DirectoryUids,
         Counter::Accepted,
         Counter::AcceptFdExhausted,
         Counter::HandshakeFailed,
         Counter::Logins,
+        Counter::HandedOver,
         Counter::LoginRefused,
         Counter::MessagesIn,
         Counter::SendErrors,
@@ -81,11 +81,11 @@ impl Counter {
             Counter::Connections => "connections",
             Counter::LoggedIn => "logged_in",
             Counter::LocalUids => "local_uids",
-            Counter::DirectoryUids => "directory_uids",
             Counter::Accepted => "accepted",
             Counter::AcceptFdExhausted => "accept_fd_exhausted",
             Counter::HandshakeFailed => "handshake_failed",
             Counter::Logins => "logins",
+            Counter::HandedOver => "handed_over",
             Counter::LoginRefused => "login_refused",
             Counter::MessagesIn => "messages_in",
             Counter::SendErrors => "send_errors",

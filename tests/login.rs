@@ -113,3 +113,41 @@ fn relogin_after_close_gets_messages_again() {
         server.wait_for("relog gone", |s| s.get(Counter::LoggedIn) == 1);
     }
 }
+
+/// A login accepted by a shard that is not its uid's home moves the socket
+/// to the home shard. Bytes the client sent right behind the login (whole
+/// frames and half a frame) move with it and are not lost or reordered.
+#[test]
+fn bytes_behind_the_login_survive_the_handover_to_the_home_shard() {
+    let server = TestServer::start(4);
+    let mut inbox = login(server.addr, "handover-inbox");
+    for i in 0..24 {
+        let uid = format!("handover-{i}");
+        let mut s = tcp(server.addr);
+        let first = client_frame(true, 1, format!("handover-inbox:{i} first").as_bytes());
+        let second = client_frame(true, 1, format!("handover-inbox:{i} second").as_bytes());
+        let mut bytes = UPGRADE.as_bytes().to_vec();
+        bytes.extend(client_frame(true, 1, uid.as_bytes()));
+        bytes.extend(&first);
+        bytes.extend(&second[..5]); // half of a frame
+        s.write_all(&bytes).unwrap();
+        assert!(read_http_head(&mut s).starts_with("HTTP/1.1 101"));
+        let (_, reply) = read_frame(&mut s).unwrap();
+        assert_eq!(
+            reply,
+            format!("login success, your uid is {uid}").as_bytes()
+        );
+        s.write_all(&second[5..]).unwrap();
+        assert_eq!(recv_text(&mut inbox), format!("{i} first"));
+        assert_eq!(recv_text(&mut inbox), format!("{i} second"));
+        // The moved connection is reachable at its home.
+        let mut probe = login(server.addr, &format!("handover-probe-{i}"));
+        send_text(&mut probe, &format!("{uid}:found you"));
+        assert_eq!(read_frame(&mut s).unwrap().1, b"found you");
+    }
+    let s = server.stats();
+    assert!(
+        s.get(Counter::HandedOver) > 0,
+        "no login was handed over: {s:?}"
+    );
+}

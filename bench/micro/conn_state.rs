@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use corepush::connection::{self, ConnState};
-use corepush::router::{self, Router, ShardId};
+use corepush::router::{self, Router};
 use corepush::shard::Shard;
 use corepush::slab::{Key, Slab};
 use corepush::stats::{Counter, ShardStats};
@@ -314,7 +314,7 @@ async fn full(n: usize, before_exec: Mark) -> String {
             }
         }
         let key = Slab::<()>::default().insert(());
-        let future = connection::serve(shard.clone(), key, stream);
+        let future = connection::serve(shard.clone(), key, stream, Vec::new());
         let size = std::mem::size_of_val(&future);
         drop(future);
         drop(theirs);
@@ -387,7 +387,6 @@ async fn full(n: usize, before_exec: Mark) -> String {
     let snap = stats.snapshot();
     assert_eq!(snap.get(Counter::Connections), n as u64);
     assert_eq!(snap.get(Counter::LocalUids), n as u64);
-    assert_eq!(snap.get(Counter::DirectoryUids), n as u64);
     assert_eq!(
         snap.get(Counter::FramesQueued),
         0,
@@ -405,7 +404,6 @@ async fn full(n: usize, before_exec: Mark) -> String {
     let closed = mark();
     let snap = stats.snapshot();
     assert_eq!(snap.get(Counter::LocalUids), 0);
-    assert_eq!(snap.get(Counter::DirectoryUids), 0);
 
     emit(&mut out, "n", n as f64);
     emit(&mut out, "login_secs", login_secs);
@@ -440,9 +438,9 @@ fn child_tables(m: usize) -> String {
     let mut out = String::new();
     let mut keys: Vec<Key> = Vec::with_capacity(m);
     let mut slab: Slab<ConnState> = Slab::default();
-    let mut tables = [UidTable::new(2), UidTable::new(2)];
+    // Every connection of a uid lives on the uid's home shard.
+    let mut tables = [UidTable::default(), UidTable::default()];
     let mut uid = String::with_capacity(16);
-    let host_of = |i: usize| (i % 2) as ShardId; // the shard that accepted it
 
     let t0 = mark();
     for _ in 0..m {
@@ -453,36 +451,26 @@ fn child_tables(m: usize) -> String {
         uid.clear();
         write!(uid, "u{i}").unwrap();
         let home = router::home_of(&uid, 2);
-        let (shared, first) = tables[host_of(i) as usize].add_local(&uid, home, key);
+        let (shared, first) = tables[home as usize].add(&uid, key);
         assert!(first);
         slab.get_mut(key).unwrap().uid = Some(shared);
     }
     let t2 = mark();
-    for (i, &key) in keys.iter().enumerate() {
-        // The Register message carries the host's Arc<str> to the home.
-        let shared = slab.get(key).unwrap().uid.clone().unwrap();
-        let home = router::home_of(&shared, 2);
-        assert!(tables[home as usize].register_host(shared, host_of(i)));
-    }
-    let t3 = mark();
-    for (i, &key) in keys.iter().enumerate() {
+    for &key in &keys {
         let shared = slab.get_mut(key).unwrap().uid.take().unwrap();
         let home = router::home_of(&shared, 2);
-        assert!(tables[host_of(i) as usize].remove_local(&shared, home, key));
-        assert!(tables[home as usize].unregister_host(&shared, host_of(i)));
+        assert!(tables[home as usize].remove(&shared, key));
         drop(shared);
         slab.remove(key).unwrap();
     }
     let t4 = mark();
     assert!(slab.is_empty());
-    assert_eq!(tables.iter().map(UidTable::local_len).sum::<usize>(), 0);
-    assert_eq!(tables.iter().map(UidTable::directory_len).sum::<usize>(), 0);
+    assert!(tables.iter().all(UidTable::is_empty));
 
     emit(&mut out, "m", m as f64);
     emit_delta(&mut out, "slab", t0, t1, m);
     emit_delta(&mut out, "local", t1, t2, m);
-    emit_delta(&mut out, "dir", t2, t3, m);
-    emit_delta(&mut out, "total", t0, t3, m);
+    emit_delta(&mut out, "total", t0, t2, m);
     emit_delta(&mut out, "kept", t0, t4, 1);
     out
 }
@@ -579,9 +567,8 @@ fn main() {
         size_of::<Key>()
     );
     println!(
-        "  uid map entry (Arc<str>, SmallVec<[Key; 1]>) {} B, directory entry (Arc<str>, SmallVec<[ShardId; 2]>) {} B, + 1 control byte each",
-        size_of::<(Arc<str>, SmallVec<[Key; 1]>)>(),
-        size_of::<(Arc<str>, SmallVec<[ShardId; 2]>)>()
+        "  uid map entry (Arc<str>, SmallVec<[Key; 1]>) {} B + 1 control byte",
+        size_of::<(Arc<str>, SmallVec<[Key; 1]>)>()
     );
     println!();
     println!("1. real connections: Shard::open on AF_UNIX pairs, upgraded, logged in, idle");
@@ -689,8 +676,7 @@ fn main() {
     );
     for (name, key) in [
         ("Slab<ConnState> slots", "slab"),
-        ("uid local maps (+ Arc<str> uid)", "local"),
-        ("uid directory maps", "dir"),
+        ("uid maps (+ Arc<str> uid)", "local"),
         ("total", "total"),
     ] {
         println!(

@@ -78,7 +78,6 @@ impl TestServer {
             s.get(Counter::Connections) == 0
                 && s.get(Counter::LoggedIn) == 0
                 && s.get(Counter::LocalUids) == 0
-                && s.get(Counter::DirectoryUids) == 0
         });
     }
 
