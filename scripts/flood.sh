@@ -9,7 +9,9 @@
 # can hold on this host) through calibrate, connect, hold, targeted,
 # broadcast, churn and teardown, prints the report, and stops the server.
 #
-# Environment: FLOOD_PORT (1234), FLOOD_SHARDS (nproc), FLOOD_PROCS (client
+# Environment: FLOOD_SERVER_FLAGS (extra corepush flags, e.g. --no-pin when
+# the client shares the server's cores, as it does on a small host),
+# FLOOD_PORT (1234), FLOOD_SHARDS (nproc), FLOOD_PROCS (client
 # processes; default from the fd limit), FLOOD_MSGS (25000), FLOOD_RATE
 # (5000 msg/s), FLOOD_BROADCASTS (10), FLOOD_HOLD (10 s), FLOOD_CHURN (0.05).
 set -euo pipefail
@@ -18,6 +20,7 @@ cd "$(dirname "$0")/.."
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 PORT="${FLOOD_PORT:-1234}"
 SHARDS="${FLOOD_SHARDS:-$(nproc)}"
+SERVER_FLAGS="${FLOOD_SERVER_FLAGS:-}"
 MSGS="${FLOOD_MSGS:-25000}"
 RATE="${FLOOD_RATE:-5000}"
 BROADCASTS="${FLOOD_BROADCASTS:-10}"
@@ -75,7 +78,8 @@ if [ -n "$low" ] && [ "$low" -gt 10000 ] && [ "$PORT" -lt 10000 ]; then
 fi
 
 log=$(mktemp /tmp/corepush-server.XXXXXX.log)
-"$TARGET_DIR/release/corepush" --listen "127.0.0.1:$PORT" --shards "$SHARDS" 2>"$log" &
+# shellcheck disable=SC2086 # SERVER_FLAGS is a list of flags
+"$TARGET_DIR/release/corepush" --listen "127.0.0.1:$PORT" --shards "$SHARDS" $SERVER_FLAGS 2>"$log" &
 server=$!
 stop_server() {
     if kill -0 "$server" 2>/dev/null; then

@@ -19,6 +19,13 @@ pub struct Config {
     #[arg(long, default_value_t = 0)]
     pub shards: usize,
 
+    /// Do not pin shard threads to cores. Pinning keeps each shard's data in
+    /// one core's caches on a dedicated machine; on a host shared with other
+    /// busy processes (a benchmark client on the same cores) it stops the
+    /// scheduler from moving a woken shard to an idle core.
+    #[arg(long)]
+    pub no_pin: bool,
+
     /// Listen backlog of each shard's socket (capped by net.core.somaxconn).
     #[arg(long, default_value_t = 4096)]
     pub backlog: u32,

@@ -84,7 +84,12 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
         let (config, router) = (config.clone(), router.clone());
         let listen_fd = listener.into_raw_fd();
         let wake_fd = inbox.wake_fd.take().expect("fresh inbox").into_raw_fd();
-        let thread = LocalExecutorBuilder::new(Placement::Fixed(cpus[i % cpus.len()]))
+        let placement = if config.no_pin {
+            Placement::Unbound
+        } else {
+            Placement::Fixed(cpus[i % cpus.len()])
+        };
+        let thread = LocalExecutorBuilder::new(placement)
             .name(&format!("corepush-shard-{i}"))
             .io_memory(IO_MEMORY)
             .ring_depth(RING_DEPTH)

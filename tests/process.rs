@@ -237,6 +237,7 @@ fn help_documents_every_flag() {
     for flag in [
         "--listen",
         "--shards",
+        "--no-pin",
         "--backlog",
         "--max-message-bytes",
         "--max-outbound-bytes",
