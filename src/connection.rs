@@ -585,8 +585,6 @@ impl Connection {
                 let home = self.shard.home_of(uid);
                 if home == self.shard.id {
                     self.shard.login(self.key, uid);
-                    let reply = protocol::login_reply(uid);
-                    self.write(&frame::encode(Opcode::Text, reply.as_bytes()));
                 } else {
                     // Stop parsing here: what follows belongs to the home shard.
                     self.moving_to = Some((home, uid.into()));

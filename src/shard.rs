@@ -171,9 +171,6 @@ impl Shard {
         let key = self.conns.borrow_mut().insert(state);
         self.stats.inc(Counter::Connections);
         self.login(key, &uid);
-        let reply = frame::encode(Opcode::Text, protocol::login_reply(&uid).as_bytes());
-        let limit = self.config.max_outbound_bytes;
-        self.with_conn(key, |c| c.write(&reply, limit));
         glommio::spawn_local(connection::serve(self.clone(), key, stream, carry)).detach();
     }
 
@@ -196,13 +193,17 @@ impl Shard {
         self.router.home_of(uid)
     }
 
-    /// Records a login of a uid homed here.
+    /// Registers a login of a uid homed here, then answers it: from the
+    /// reply on, every message for the uid finds this connection.
     pub fn login(&self, key: Key, uid: &str) {
         let (uid, first) = self.uids.borrow_mut().add(uid, key);
+        let reply = frame::encode(Opcode::Text, protocol::login_reply(&uid).as_bytes());
+        let limit = self.config.max_outbound_bytes;
         self.with_conn(key, |c| {
             c.uid = Some(uid);
             c.phase = Phase::Open;
             c.deadline_ms = u64::MAX;
+            c.write(&reply, limit);
         });
         self.stats.inc(Counter::Logins);
         self.stats.inc(Counter::LoggedIn);
@@ -234,10 +235,13 @@ impl Shard {
     pub fn broadcast(self: &Rc<Self>, frame: Frame) {
         self.stats.inc(Counter::Broadcasts);
         let origin = Some(self.id);
-        for to in 0..self.router.shards() as ShardId {
+        // The other shards first, so they write to their connections while
+        // this one writes to its own.
+        for to in (0..self.router.shards() as ShardId).filter(|&to| to != self.id) {
             let frame = frame.clone();
             self.dispatch(to, ShardMsg::Broadcast { frame, origin });
         }
+        self.dispatch(self.id, ShardMsg::Broadcast { frame, origin });
     }
 
     /// Hands `msg` to shard `to`; for this shard itself, handles it now.
