@@ -13,7 +13,7 @@
 //! The sink (listener, echo, relay, fanout sender) runs in the coordinator
 //! process; the clients run in the workers.
 
-use crate::coordinator::Workers;
+use crate::coordinator::{span_ns, sum, Workers};
 use crate::report::{hist_to_json, merge_json, new_hist, record, summary_json};
 use crate::schedule::Rng;
 use crate::sys::{self, Epoll, EV_ERR, EV_ET, EV_IN, EV_OUT, EV_RDHUP};
@@ -515,24 +515,8 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
         Duration::from_secs(120),
         Some(&mut || sink.poll(2)),
     );
-    let ok: u64 = done
-        .iter()
-        .map(|(_, v)| v["ok"].as_u64().unwrap_or(0))
-        .sum();
-    let failed: u64 = done
-        .iter()
-        .map(|(_, v)| v["failed"].as_u64().unwrap_or(0))
-        .sum();
-    let t0 = done
-        .iter()
-        .filter_map(|(_, v)| v["t0"].as_u64())
-        .min()
-        .unwrap_or(0);
-    let last = done
-        .iter()
-        .filter_map(|(_, v)| v["last_ns"].as_u64())
-        .max()
-        .unwrap_or(0);
+    let (ok, failed) = (sum(&done, "ok"), sum(&done, "failed"));
+    let (t0, last) = span_ns(&done);
     let connect_per_sec = if last > t0 {
         ok as f64 / ((last - t0) as f64 / 1e9)
     } else {

@@ -352,7 +352,23 @@ impl CpuMark {
 }
 
 /// Sums a numeric field over worker answers.
-fn sum(answers: &[(usize, Value)], key: &str) -> u64 {
+/// The earliest `t0` and the latest `last_ns` the workers reported (ns on
+/// the shared monotonic clock); `last` is `t0` when none reported one.
+pub(crate) fn span_ns(answers: &[(usize, Value)]) -> (u64, u64) {
+    let t0 = answers
+        .iter()
+        .filter_map(|(_, v)| v["t0"].as_u64())
+        .min()
+        .unwrap_or(0);
+    let last = answers
+        .iter()
+        .filter_map(|(_, v)| v["last_ns"].as_u64())
+        .max()
+        .unwrap_or(t0);
+    (t0, last)
+}
+
+pub(crate) fn sum(answers: &[(usize, Value)], key: &str) -> u64 {
     answers
         .iter()
         .map(|(_, v)| v[key].as_u64().unwrap_or(0))
@@ -554,16 +570,7 @@ pub fn run(args: &Args) -> i32 {
     );
     let established = sum(&done, "established");
     let failed = conns - established.min(conns);
-    let t0 = done
-        .iter()
-        .filter_map(|(_, v)| v["t0"].as_u64())
-        .min()
-        .unwrap_or(0);
-    let last = done
-        .iter()
-        .filter_map(|(_, v)| v["last_ns"].as_u64())
-        .max()
-        .unwrap_or(t0);
+    let (t0, last) = span_ns(&done);
     let per_sec = if last > t0 {
         established as f64 / ((last - t0) as f64 / 1e9)
     } else {
