@@ -301,17 +301,11 @@ impl Connection {
             }
 
             let mut scratch = self.shard.take_scratch();
-            let read = Pin::new(&mut self.stream).poll_read(cx, &mut scratch);
-            let result = match read {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(()),
+            let ended = match Pin::new(&mut self.stream).poll_read(cx, &mut scratch) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => true,
                 Poll::Ready(Ok(n)) => {
                     self.on_bytes(&mut scratch[..n]);
-                    if self.moving_to.is_some() {
-                        self.hand_over();
-                        Poll::Ready(())
-                    } else {
-                        Poll::Pending
-                    }
+                    false
                 }
                 Poll::Pending => {
                     self.shard.put_scratch(scratch);
@@ -322,11 +316,14 @@ impl Connection {
                     return Poll::Pending;
                 }
             };
-            if result.is_ready() {
-                self.shard.put_scratch(scratch);
+            self.shard.put_scratch(scratch);
+            if ended {
                 return Poll::Ready(());
             }
-            self.shard.put_scratch(scratch);
+            if self.moving_to.is_some() {
+                self.hand_over();
+                return Poll::Ready(());
+            }
         }
         // Busy connection: let the others run, then come back.
         cx.waker().wake_by_ref();
