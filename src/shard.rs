@@ -324,7 +324,10 @@ impl Shard {
     // ---- deadlines and shutdown ----
 
     /// One pass over every connection: phase deadlines, idle timeouts, pings.
+    /// Then, if most connections have gone, the tables give memory back.
     fn sweep(&self) {
+        self.conns.borrow_mut().shrink_if_sparse();
+        self.uids.borrow_mut().shrink_if_sparse();
         let now = self.tick();
         let ping_after = self.config.ping_interval_ms.as_millis() as u64;
         let idle_after = self.config.idle_timeout_ms.as_millis() as u64;

@@ -25,6 +25,9 @@ pub struct Slab<T> {
     /// Indices of empty slots, reused last-freed first (warm in cache).
     free: Vec<u32>,
     len: usize,
+    /// Above every generation ever issued: a slot created after a shrink
+    /// starts here, so no key issued before the shrink can match it.
+    fresh_generation: u32,
 }
 
 impl<T> Default for Slab<T> {
@@ -33,6 +36,7 @@ impl<T> Default for Slab<T> {
             slots: Vec::new(),
             free: Vec::new(),
             len: 0,
+            fresh_generation: 0,
         }
     }
 }
@@ -53,7 +57,7 @@ impl<T> Slab<T> {
             Some(index) => index,
             None => {
                 self.slots.push(Slot {
-                    generation: 0,
+                    generation: self.fresh_generation,
                     value: None,
                 });
                 (self.slots.len() - 1) as u32
@@ -96,9 +100,26 @@ impl<T> Slab<T> {
         }
         let value = slot.value.take()?;
         slot.generation = slot.generation.wrapping_add(1);
+        self.fresh_generation = self.fresh_generation.max(slot.generation);
         self.free.push(key.index);
         self.len -= 1;
         Some(value)
+    }
+
+    /// Gives memory back after many values left: drops the empty slots at
+    /// the end of the table and releases spare capacity, once at most a
+    /// quarter of the table is in use. Live keys stay valid.
+    pub fn shrink_if_sparse(&mut self) {
+        if self.slots.len() < 1024 || self.len * 4 > self.slots.len() {
+            return;
+        }
+        while self.slots.last().is_some_and(|slot| slot.value.is_none()) {
+            self.slots.pop();
+        }
+        let end = self.slots.len() as u32;
+        self.free.retain(|&index| index < end);
+        self.slots.shrink_to_fit();
+        self.free.shrink_to_fit();
     }
 
     /// Every live value, with its key.
@@ -128,6 +149,26 @@ mod tests {
         assert_eq!(slab.remove(first), None);
         assert_eq!(slab.get(second), Some(&"second"));
         assert_eq!(slab.len(), 1);
+    }
+
+    #[test]
+    fn shrinking_keeps_live_keys_and_never_revives_stale_ones() {
+        let mut slab = Slab::default();
+        let keys: Vec<Key> = (0..4096).map(|i| slab.insert(i)).collect();
+        for &key in &keys[100..] {
+            slab.remove(key);
+        }
+        let stale = keys[4000];
+        slab.shrink_if_sparse();
+        assert_eq!(slab.slots.len(), 100, "the empty tail is gone");
+        assert!(slab.slots.capacity() < 4096);
+        assert_eq!(slab.get(keys[99]), Some(&99), "live keys still work");
+        // Refill past the old end: the slot at the stale key's index is new,
+        // and the stale key must not reach it.
+        let refill: Vec<Key> = (0..4000).map(|i| slab.insert(i)).collect();
+        assert_eq!(slab.get(stale), None);
+        assert!(refill.iter().all(|&k| slab.get(k).is_some()));
+        assert_eq!(slab.len(), 4100);
     }
 
     #[test]

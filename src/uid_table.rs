@@ -61,6 +61,13 @@ impl UidTable {
         self.local.values().flatten().copied()
     }
 
+    /// Gives memory back once at most a quarter of the table is in use.
+    pub fn shrink_if_sparse(&mut self) {
+        if self.local.capacity() >= 1024 && self.local.len() * 4 <= self.local.capacity() {
+            self.local.shrink_to(self.local.len() * 2);
+        }
+    }
+
     /// Distinct uids.
     pub fn len(&self) -> usize {
         self.local.len()
@@ -96,5 +103,26 @@ mod tests {
         assert_eq!(t.len(), 1);
         assert!(t.remove("eve", c));
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn an_emptied_table_gives_its_memory_back() {
+        let mut slab = Slab::default();
+        let mut t = UidTable::default();
+        let keys: Vec<Key> = (0..5000).map(|_| slab.insert(())).collect();
+        for (i, &k) in keys.iter().enumerate() {
+            t.add(&format!("u{i}"), k);
+        }
+        let full = t.local.capacity();
+        for (i, &k) in keys.iter().enumerate().skip(10) {
+            t.remove(&format!("u{i}"), k);
+        }
+        t.shrink_if_sparse();
+        assert!(
+            t.local.capacity() < full / 10,
+            "{} of {full}",
+            t.local.capacity()
+        );
+        assert_eq!(t.get("u3"), &[keys[3]]);
     }
 }
