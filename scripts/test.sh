@@ -13,4 +13,11 @@ command -v cargo >/dev/null || {
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
-cargo test
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
