@@ -9,7 +9,7 @@ use clap::Parser;
 /// corepush: a WebSocket push server. Clients log in with a uid, then send
 /// `<uid>:<message>` to push to that user or `all:<message>` to everyone.
 #[derive(Debug, Clone, Parser)]
-#[command(version, about)]
+#[command(version)]
 pub struct Config {
     /// Address to listen on (every shard binds it with SO_REUSEPORT).
     #[arg(long, default_value = "0.0.0.0:1234")]
