@@ -78,7 +78,11 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
     let cpus = allowed_cpus();
     let mut stats = Vec::with_capacity(shards);
     let mut threads = Vec::with_capacity(shards);
+    // Each shard says it is running; a shard whose executor could not be
+    // built drops its sender without a word.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     for (i, (listener, mut inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let ready = ready_tx.clone();
         let shard_stats = Arc::new(ShardStats::default());
         stats.push(shard_stats.clone());
         let (config, router) = (config.clone(), router.clone());
@@ -99,18 +103,46 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
                 let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listen_fd) };
                 let wake = unsafe { glommio::net::UnixStream::from_raw_fd(wake_fd) };
                 let shard = Shard::new(i as ShardId, config, router, inbox, shard_stats);
+                let _ = ready.send(());
+                drop(ready);
                 Rc::new(shard).run(listener, wake).await;
             })
             .map_err(io::Error::from)?;
         threads.push(thread);
     }
-    Ok(ServerHandle {
+    drop(ready_tx);
+    let server = ServerHandle {
         addr,
         router,
         stats,
         threads,
         fd_limit,
-    })
+    };
+    let running = ready_rx.iter().take(shards).count();
+    if running < shards {
+        // Stop the shards that did start, and report why the others did not.
+        let error = match server.shutdown() {
+            Err(e) => e,
+            Ok(()) => io::Error::other("a shard did not start"),
+        };
+        return Err(explain_start_failure(error));
+    }
+    Ok(server)
+}
+
+/// Adds what to do to the errors a shard's executor meets at start.
+fn explain_start_failure(error: io::Error) -> io::Error {
+    match error.raw_os_error() {
+        Some(libc::ENOMEM) | Some(libc::EPERM) => io::Error::new(
+            error.kind(),
+            format!(
+                "a shard could not set up io_uring ({error}): each shard needs about \
+                 2.5 MiB of locked memory for its rings and buffers; raise `ulimit -l` \
+                 (systemd: LimitMEMLOCK=) or use fewer --shards"
+            ),
+        ),
+        _ => error,
+    }
 }
 
 /// A listening socket with a backlog of our choosing (glommio's own bind
