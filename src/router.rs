@@ -164,10 +164,6 @@ impl InboxReceiver {
         self.rx.try_recv().ok()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.rx.is_empty()
-    }
-
     /// Declares that the shard is about to wait on `wake_fd`. Returns false
     /// (and disarms) when a message slipped in meanwhile: drain again instead.
     pub fn arm(&self) -> bool {

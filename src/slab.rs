@@ -50,9 +50,8 @@ impl<T> Slab<T> {
         self.len == 0
     }
 
-    /// Stores `value` and returns its key. `make` receives the key first, for
-    /// values that need to know their own key.
-    pub fn insert_with(&mut self, make: impl FnOnce(Key) -> T) -> Key {
+    /// Stores `value` and returns its key.
+    pub fn insert(&mut self, value: T) -> Key {
         let index = match self.free.pop() {
             Some(index) => index,
             None => {
@@ -64,17 +63,12 @@ impl<T> Slab<T> {
             }
         };
         let slot = &mut self.slots[index as usize];
-        let key = Key {
+        slot.value = Some(value);
+        self.len += 1;
+        Key {
             index,
             generation: slot.generation,
-        };
-        slot.value = Some(make(key));
-        self.len += 1;
-        key
-    }
-
-    pub fn insert(&mut self, value: T) -> Key {
-        self.insert_with(|_| value)
+        }
     }
 
     pub fn get(&self, key: Key) -> Option<&T> {
@@ -172,13 +166,13 @@ mod tests {
     }
 
     #[test]
-    fn insert_with_sees_its_key_and_iter_lists_live_values() {
+    fn iter_lists_live_values_with_their_keys() {
         let mut slab = Slab::default();
-        let a = slab.insert_with(|k| k);
-        let b = slab.insert_with(|k| k);
+        let a = slab.insert("a");
+        let b = slab.insert("b");
         slab.remove(a);
         let live: Vec<_> = slab.iter_mut().map(|(k, v)| (k, *v)).collect();
-        assert_eq!(live, vec![(b, b)]);
+        assert_eq!(live, vec![(b, "b")]);
         assert!(!slab.is_empty());
         slab.remove(b);
         assert!(slab.is_empty());
