@@ -6,7 +6,8 @@
 //!  socket ─> connection ─> handshake / frame ─> protocol ─> shard ─> router ─> shard ─> uid_table ─> connection ─> socket
 //! ```
 //!
-//! - [`server`]: starts one shard per core and hands out a [`server::ServerHandle`].
+//! - [`server`]: starts one shard per core and hands out a [`server::ServerHandle`],
+//!   and a [`server::Pusher`] through which any thread can push into the shards.
 //! - [`shard`]: one glommio executor pinned to a core: its listener, its
 //!   connections, its uid tables, its inbox. Nothing in it is shared.
 //! - [`connection`]: one connection's state machine (handshake, login, open,
@@ -38,4 +39,4 @@ pub mod stats;
 pub mod uid_table;
 
 pub use config::Config;
-pub use server::{start, ServerHandle};
+pub use server::{start, Pusher, ServerHandle};

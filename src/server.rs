@@ -12,6 +12,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
+use crate::frame::{self, Opcode};
 use crate::limits::{self, FdLimit};
 use crate::router::{Router, ShardId, ShardMsg};
 use crate::shard::Shard;
@@ -50,6 +51,35 @@ impl ShutdownTrigger {
     /// Every shard stops accepting and closes its connections with 1001.
     pub fn trigger(&self) {
         self.router.send_all(|_| ShardMsg::Shutdown);
+    }
+}
+
+/// Pushes messages into the shards from any thread: the way in for
+/// everything that is not a client connection (the HTTP push API and the
+/// cluster bridge build on it).
+#[derive(Clone)]
+pub struct Pusher {
+    router: Router,
+}
+
+impl Pusher {
+    /// Delivers `text` to every connection of `uid`, as a text message.
+    pub fn push_text(&self, uid: &str, text: &str) {
+        let frame = frame::encode(Opcode::Text, text.as_bytes());
+        let home = self.router.home_of(uid);
+        let uid = Arc::from(uid);
+        let origin = None;
+        self.router
+            .send(home, ShardMsg::ToUid { uid, frame, origin });
+    }
+
+    /// Delivers `text` to every logged-in connection.
+    pub fn broadcast_text(&self, text: &str) {
+        let frame = frame::encode(Opcode::Text, text.as_bytes());
+        self.router.send_all(|_| ShardMsg::Broadcast {
+            frame: frame.clone(),
+            origin: None,
+        });
     }
 }
 
@@ -203,6 +233,13 @@ impl ServerHandle {
     /// Counters of each shard.
     pub fn shard_stats(&self) -> Vec<Snapshot> {
         self.stats.iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// A handle that other threads can use to push messages.
+    pub fn pusher(&self) -> Pusher {
+        Pusher {
+            router: self.router.clone(),
+        }
     }
 
     /// A handle that other threads can use to stop the server.

@@ -199,3 +199,34 @@ fn deliveries_cross_shards_and_stay_on_shards() {
     assert!(s.get(Counter::DeliveredCrossShard) > 0, "{s:?}");
     assert!(s.get(Counter::CrossShardSent) > 0, "{s:?}");
 }
+
+/// Messages can enter the shards from a thread that is not a shard (the way
+/// the HTTP push API and the cluster bridge will come in), and still keep
+/// the protocol's rules: every connection of the uid, nobody else.
+#[test]
+fn a_thread_outside_the_shards_can_push_and_broadcast() {
+    let server = TestServer::start(2);
+    let mut tabs: Vec<Ws> = (0..3)
+        .map(|_| login(server.addr, "outside-target"))
+        .collect();
+    let mut other = login(server.addr, "outside-other");
+    let pusher = server.handle().pusher();
+    std::thread::spawn(move || {
+        pusher.push_text("outside-target", "from a backend");
+        pusher.push_text("outside-nobody", "lost in space");
+        pusher.broadcast_text("to everyone");
+    })
+    .join()
+    .unwrap();
+    for tab in &mut tabs {
+        assert_eq!(recv_text(tab), "from a backend");
+        assert_eq!(recv_text(tab), "to everyone");
+    }
+    assert_eq!(recv_text(&mut other), "to everyone", "not the targeted one");
+    let s = server.wait_for("unknown uid counted", |s| s.get(Counter::NoRecipient) == 1);
+    assert_eq!(
+        s.get(Counter::DeliveredCrossShard),
+        3 + 4,
+        "outside counts as cross-shard"
+    );
+}
