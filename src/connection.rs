@@ -130,8 +130,7 @@ impl ConnState {
                     Ok(n) => n as u32,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
                     Err(_) => {
-                        self.kill = Some(Kill::Drop);
-                        self.wake();
+                        self.request_kill(Kill::Drop);
                         return;
                     }
                 };
@@ -143,9 +142,8 @@ impl ConnState {
                 self.wake(); // the task must wait for the socket to drain
             }
         }
-        if self.queued_bytes() > limit && self.phase != Phase::Closing && self.kill.is_none() {
-            self.kill = Some(Kill::SlowConsumer);
-            self.wake();
+        if self.queued_bytes() > limit && self.phase != Phase::Closing {
+            self.request_kill(Kill::SlowConsumer);
         }
     }
 
@@ -182,6 +180,15 @@ impl ConnState {
                 self.backlog = None; // give the memory back
             }
         }
+    }
+
+    /// Asks the task to close the connection, and wakes it to do so. A
+    /// reason already pending stays, unless the socket is broken (`Drop`).
+    pub fn request_kill(&mut self, kill: Kill) {
+        if self.kill.is_none() || kill == Kill::Drop {
+            self.kill = Some(kill);
+        }
+        self.wake();
     }
 
     fn wake(&self) {

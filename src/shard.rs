@@ -352,10 +352,7 @@ impl Shard {
                 _ => None,
             };
             if let Some(kill) = kill {
-                conn.kill = Some(kill);
-                if let Some(waker) = &conn.waker {
-                    waker.wake_by_ref();
-                }
+                conn.request_kill(kill);
             }
         }
     }
@@ -366,12 +363,7 @@ impl Shard {
             accept.cancel();
         }
         for (_, conn) in self.conns.borrow_mut().iter_mut() {
-            if conn.kill.is_none() {
-                conn.kill = Some(Kill::Shutdown);
-            }
-            if let Some(waker) = &conn.waker {
-                waker.wake_by_ref();
-            }
+            conn.request_kill(Kill::Shutdown);
         }
     }
 }
