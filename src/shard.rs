@@ -225,33 +225,32 @@ impl Shard {
 
     // ---- messages leaving a connection ----
 
-    pub fn send_to_uid(self: &Rc<Self>, uid: &str, frame: Frame) {
+    /// A message for `uid`: delivered here when the uid lives here, else
+    /// queued to its home (only then is the uid copied for the trip).
+    pub fn send_to_uid(&self, uid: &str, frame: Frame) {
         let home = self.router.home_of(uid);
         let origin = Some(self.id);
+        if home == self.id {
+            self.deliver_to_uid(uid, &frame, origin);
+            return;
+        }
+        self.stats.inc(Counter::CrossShardSent);
         let uid = Arc::from(uid);
-        self.dispatch(home, ShardMsg::ToUid { uid, frame, origin });
+        self.router
+            .send(home, ShardMsg::ToUid { uid, frame, origin });
     }
 
-    pub fn broadcast(self: &Rc<Self>, frame: Frame) {
+    pub fn broadcast(&self, frame: Frame) {
         self.stats.inc(Counter::Broadcasts);
         let origin = Some(self.id);
         // The other shards first, so they write to their connections while
         // this one writes to its own.
         for to in (0..self.router.shards() as ShardId).filter(|&to| to != self.id) {
+            self.stats.inc(Counter::CrossShardSent);
             let frame = frame.clone();
-            self.dispatch(to, ShardMsg::Broadcast { frame, origin });
+            self.router.send(to, ShardMsg::Broadcast { frame, origin });
         }
-        self.dispatch(self.id, ShardMsg::Broadcast { frame, origin });
-    }
-
-    /// Hands `msg` to shard `to`; for this shard itself, handles it now.
-    fn dispatch(self: &Rc<Self>, to: ShardId, msg: ShardMsg) {
-        if to == self.id {
-            self.handle(msg);
-            return;
-        }
-        self.stats.inc(Counter::CrossShardSent);
-        self.router.send(to, msg);
+        self.deliver_to_all(&frame, origin);
     }
 
     // ---- messages arriving at the shard ----
@@ -282,20 +281,25 @@ impl Shard {
     fn handle(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
             ShardMsg::Adopt(handover) => self.adopt(*handover),
-            ShardMsg::ToUid { uid, frame, origin } => {
-                let uids = self.uids.borrow();
-                let conns = uids.get(&uid);
-                if conns.is_empty() {
-                    self.stats.inc(Counter::NoRecipient);
-                }
-                self.deliver(conns.iter().copied(), &frame, origin);
-            }
-            ShardMsg::Broadcast { frame, origin } => {
-                let uids = self.uids.borrow();
-                self.deliver(uids.all(), &frame, origin);
-            }
+            ShardMsg::ToUid { uid, frame, origin } => self.deliver_to_uid(&uid, &frame, origin),
+            ShardMsg::Broadcast { frame, origin } => self.deliver_to_all(&frame, origin),
             ShardMsg::Shutdown => self.shut_down(),
         }
+    }
+
+    /// Delivers to every connection of `uid` (all of them live here).
+    fn deliver_to_uid(&self, uid: &str, frame: &Frame, origin: Origin) {
+        let uids = self.uids.borrow();
+        let conns = uids.get(uid);
+        if conns.is_empty() {
+            self.stats.inc(Counter::NoRecipient);
+        }
+        self.deliver(conns.iter().copied(), frame, origin);
+    }
+
+    fn deliver_to_all(&self, frame: &Frame, origin: Origin) {
+        let uids = self.uids.borrow();
+        self.deliver(uids.all(), frame, origin);
     }
 
     fn deliver(&self, keys: impl Iterator<Item = Key>, frame: &Frame, origin: Origin) {
