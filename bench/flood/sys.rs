@@ -77,9 +77,9 @@ fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> 
     .map(|_| ())
 }
 
-/// Starts a non-blocking TCP connect from `source` (if any) to `target`.
-/// Returns the fd; the connect completes later (EPOLLOUT + SO_ERROR).
-pub fn connect_nb(target: SocketAddrV4, source: Option<Ipv4Addr>) -> io::Result<i32> {
+/// A fresh non-blocking IPv4 TCP socket, set up by `setup`; closed again
+/// if `setup` fails.
+fn tcp_socket<T>(setup: impl FnOnce(i32) -> io::Result<T>) -> io::Result<(i32, T)> {
     // SAFETY: plain socket(2) call.
     let fd = cvt(unsafe {
         libc::socket(
@@ -88,21 +88,38 @@ pub fn connect_nb(target: SocketAddrV4, source: Option<Ipv4Addr>) -> io::Result<
             0,
         )
     })?;
-    let result = (|| {
+    match setup(fd) {
+        Ok(value) => Ok((fd, value)),
+        Err(e) => {
+            close(fd);
+            Err(e)
+        }
+    }
+}
+
+fn bind_v4(fd: i32, addr: SocketAddrV4) -> io::Result<()> {
+    let sa = sockaddr_in(addr);
+    // SAFETY: `sa` is a valid sockaddr_in of the given length.
+    cvt(unsafe {
+        libc::bind(
+            fd,
+            &sa as *const libc::sockaddr_in as *const libc::sockaddr,
+            SOCKADDR_IN_LEN,
+        )
+    })?;
+    Ok(())
+}
+
+/// Starts a non-blocking TCP connect from `source` (if any) to `target`.
+/// Returns the fd; the connect completes later (EPOLLOUT + SO_ERROR).
+pub fn connect_nb(target: SocketAddrV4, source: Option<Ipv4Addr>) -> io::Result<i32> {
+    let (fd, ()) = tcp_socket(|fd| {
         setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
         if let Some(ip) = source {
             // Defer the port choice to connect(), so the port only has to be
             // unique per 4-tuple and not per source address.
             setsockopt_int(fd, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
-            let sa = sockaddr_in(SocketAddrV4::new(ip, 0));
-            // SAFETY: `sa` is a valid sockaddr_in of the given length.
-            cvt(unsafe {
-                libc::bind(
-                    fd,
-                    &sa as *const libc::sockaddr_in as *const libc::sockaddr,
-                    SOCKADDR_IN_LEN,
-                )
-            })?;
+            bind_v4(fd, SocketAddrV4::new(ip, 0))?;
         }
         let sa = sockaddr_in(target);
         // SAFETY: `sa` is a valid sockaddr_in of the given length.
@@ -120,14 +137,8 @@ pub fn connect_nb(target: SocketAddrV4, source: Option<Ipv4Addr>) -> io::Result<
             }
         }
         Ok(())
-    })();
-    match result {
-        Ok(()) => Ok(fd),
-        Err(e) => {
-            close(fd);
-            Err(e)
-        }
-    }
+    })?;
+    Ok(fd)
 }
 
 /// SO_ERROR of a socket: 0 once a non-blocking connect has succeeded.
@@ -155,25 +166,9 @@ pub fn socket_error(fd: i32) -> i32 {
 
 /// A listening TCP socket (non-blocking) on `addr`; returns fd and the bound address.
 pub fn listen_tcp(addr: SocketAddrV4, backlog: i32) -> io::Result<(i32, SocketAddrV4)> {
-    // SAFETY: plain socket(2) call.
-    let fd = cvt(unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
-    let result = (|| {
+    tcp_socket(|fd| {
         setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-        let sa = sockaddr_in(addr);
-        // SAFETY: `sa` is a valid sockaddr_in of the given length.
-        cvt(unsafe {
-            libc::bind(
-                fd,
-                &sa as *const libc::sockaddr_in as *const libc::sockaddr,
-                SOCKADDR_IN_LEN,
-            )
-        })?;
+        bind_v4(fd, addr)?;
         // SAFETY: plain listen(2) call.
         cvt(unsafe { libc::listen(fd, backlog) })?;
         let mut out = sockaddr_in(addr);
@@ -190,14 +185,7 @@ pub fn listen_tcp(addr: SocketAddrV4, backlog: i32) -> io::Result<(i32, SocketAd
             Ipv4Addr::from(u32::from_be(out.sin_addr.s_addr)),
             u16::from_be(out.sin_port),
         ))
-    })();
-    match result {
-        Ok(bound) => Ok((fd, bound)),
-        Err(e) => {
-            close(fd);
-            Err(e)
-        }
-    }
+    })
 }
 
 /// Accepts one connection as a non-blocking socket with TCP_NODELAY.
