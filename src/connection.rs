@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!   Handshake ──upgrade──> Login ──valid uid──> Open ──close / error / kill──> Closing ──> gone
-//!       │                    └──uid homed elsewhere──> Moved (socket handed to the home shard)
+//!       │                    └──uid homed elsewhere──> socket handed to the home shard
 //!       └──────────── bad request, timeout ────────────────────────────────────┘
 //! ```
 //!
@@ -43,9 +43,6 @@ pub enum Phase {
     Login,
     /// Logged in: sends and deliveries flow.
     Open,
-    /// Logged in as a uid homed on another shard: the socket is being handed
-    /// over there, and this shard's task ends.
-    Moved,
     /// A close frame (or an HTTP error) is on its way out; nothing more is
     /// delivered, and the socket goes once the client closes or time runs out.
     Closing,
@@ -429,7 +426,7 @@ impl Connection {
         match phase {
             Phase::Handshake => self.on_request_bytes(data),
             Phase::Login | Phase::Open => self.on_frame_bytes(data),
-            Phase::Closing | Phase::Moved => {} // read and dropped until the client closes
+            Phase::Closing => {} // read and dropped until the client closes
         }
     }
 
@@ -490,14 +487,16 @@ impl Connection {
         }
     }
 
+    /// Frames are parsed while logging in or open, and not after a login
+    /// that moves the connection: what follows belongs to the home shard.
     fn is_reading_frames(&self) -> bool {
-        matches!(self.phase(), Phase::Login | Phase::Open)
+        self.moving_to.is_none() && self.keeps_unparsed_bytes()
     }
 
     /// Bytes after the last complete frame are kept to parse later, here or,
     /// after a handover, on the home shard.
     fn keeps_unparsed_bytes(&self) -> bool {
-        matches!(self.phase(), Phase::Login | Phase::Open | Phase::Moved)
+        matches!(self.phase(), Phase::Login | Phase::Open)
     }
 
     /// Handles the complete frames at the start of `buf`; returns the bytes used.
@@ -579,7 +578,7 @@ impl Connection {
         match self.phase() {
             Phase::Login => self.login(payload),
             Phase::Open => self.send(opcode, payload),
-            Phase::Handshake | Phase::Closing | Phase::Moved => {}
+            Phase::Handshake | Phase::Closing => {}
         }
     }
 
@@ -590,9 +589,7 @@ impl Connection {
                 if home == self.shard.id {
                     self.shard.login(self.key, uid);
                 } else {
-                    // Stop parsing here: what follows belongs to the home shard.
                     self.moving_to = Some((home, uid.into()));
-                    self.shard.with_conn(self.key, |c| c.phase = Phase::Moved);
                 }
             }
             Err(e) => {
