@@ -1,90 +1,76 @@
-//! Settings, from the command line (clap). Every limit has a default that a
-//! production deployment can keep.
+//! Settings, as plain data. Every limit has a default that a production
+//! deployment can keep. The command line (`src/cli.rs`, in the binary)
+//! fills one in; a program embedding corepush builds one directly.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
+use crate::driver::{DriverOptions, Runtime, UringFeatures};
+use crate::session::Limits;
 
-/// corepush: a WebSocket push server. Clients log in with a uid, then send
-/// `<uid>:<message>` to push to that user or `all:<message>` to everyone.
-#[derive(Debug, Clone, Parser)]
-#[command(version)]
+#[derive(Debug, Clone)]
 pub struct Config {
-    /// Address to listen on (every shard binds it with SO_REUSEPORT).
-    #[arg(long, default_value = "0.0.0.0:1234")]
+    /// Address every shard listens on (SO_REUSEPORT).
     pub listen: SocketAddr,
-
-    /// Number of shards (one thread pinned per core); 0 means one per available core.
-    #[arg(long, default_value_t = 0)]
+    /// Number of shards; 0 means one per available core.
     pub shards: usize,
-
-    /// Do not pin shard threads to cores. Pinning keeps each shard's data in
-    /// one core's caches on a dedicated machine; on a host shared with other
-    /// busy processes (a benchmark client on the same cores) it stops the
-    /// scheduler from moving a woken shard to an idle core.
-    #[arg(long)]
+    /// Leave shard threads unpinned (hosts shared with other busy processes).
     pub no_pin: bool,
-
     /// Listen backlog of each shard's socket (capped by net.core.somaxconn).
-    #[arg(long, default_value_t = 4096)]
     pub backlog: u32,
-
-    /// Largest message a client may send, in bytes, after reassembling
-    /// fragments; a larger one closes the connection with code 1009.
-    #[arg(long, default_value_t = 64 * 1024)]
+    /// Largest message a client may send after reassembly (1009 above).
     pub max_message_bytes: usize,
-
     /// Bytes that may wait in user space for one connection that is not
-    /// reading; past it the connection is closed with 1008 "slow consumer".
-    #[arg(long, default_value_t = 1024 * 1024)]
+    /// reading; past it the connection closes with 1008 `slow consumer`.
     pub max_outbound_bytes: usize,
-
-    /// Time allowed from accept to a complete WebSocket upgrade request.
-    #[arg(long, value_parser = parse_ms, default_value = "10000")]
-    pub handshake_timeout_ms: Duration,
-
-    /// Time allowed from the upgrade to the login message.
-    #[arg(long, value_parser = parse_ms, default_value = "10000")]
-    pub login_timeout_ms: Duration,
-
-    /// The server pings a connection that has been silent this long.
-    #[arg(long, value_parser = parse_ms, default_value = "25000")]
-    pub ping_interval_ms: Duration,
-
-    /// A connection silent this long (pings unanswered) is closed with 1001.
-    #[arg(long, value_parser = parse_ms, default_value = "60000")]
-    pub idle_timeout_ms: Duration,
-
-    /// After the server sends a close frame, how long it waits for the
-    /// client to close before dropping the socket.
-    #[arg(long, value_parser = parse_ms, default_value = "2000")]
-    pub close_timeout_ms: Duration,
-}
-
-fn parse_ms(text: &str) -> Result<Duration, String> {
-    let ms: u64 = text.parse().map_err(|e| format!("{e}"))?;
-    if ms == 0 {
-        return Err("must be at least 1 ms".into());
-    }
-    Ok(Duration::from_millis(ms))
+    /// From accept to a complete upgrade request (408 after).
+    pub handshake_timeout: Duration,
+    /// From the upgrade to the login message (1008 after).
+    pub login_timeout: Duration,
+    /// Silence after which the server pings.
+    pub ping_interval: Duration,
+    /// Silence after which the connection closes with 1001.
+    pub idle_timeout: Duration,
+    /// How long the server waits for the client once its close is out.
+    pub close_timeout: Duration,
+    /// The event loop that runs the shards.
+    pub runtime: Runtime,
+    /// Spin this long for new work before a shard sleeps (0: never spin).
+    pub idle_poll: Duration,
+    /// io_uring features to use where the kernel has them.
+    pub uring: UringFeatures,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config::parse_from(["corepush"])
+        let limits = Limits::default();
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1234)),
+            shards: 0,
+            no_pin: false,
+            backlog: 4096,
+            max_message_bytes: limits.max_message_bytes,
+            max_outbound_bytes: 1024 * 1024,
+            handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
+            login_timeout: Duration::from_millis(limits.login_timeout_ms),
+            ping_interval: Duration::from_millis(limits.ping_interval_ms),
+            idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
+            close_timeout: Duration::from_millis(limits.close_timeout_ms),
+            runtime: Runtime::Uring,
+            idle_poll: Duration::ZERO,
+            uring: UringFeatures::default(),
+        }
     }
 }
 
 impl Config {
-    /// The shard count actually used: the setting, or one per available core.
+    /// The shard count actually used: the setting, or one per available
+    /// core (one when that cannot be told).
     pub fn shard_count(&self) -> usize {
         if self.shards > 0 {
             return self.shards;
         }
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
     /// How often each shard sweeps its connections for timeouts and pings:
@@ -92,16 +78,38 @@ impl Config {
     /// deadline is enforced within 25% of its setting.
     pub fn sweep_interval(&self) -> Duration {
         let shortest = [
-            self.handshake_timeout_ms,
-            self.login_timeout_ms,
-            self.ping_interval_ms,
-            self.idle_timeout_ms,
-            self.close_timeout_ms,
+            self.handshake_timeout,
+            self.login_timeout,
+            self.ping_interval,
+            self.idle_timeout,
+            self.close_timeout,
         ]
         .into_iter()
         .min()
-        .unwrap_or(Duration::from_secs(1));
+        .expect("five timeouts");
         (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
+    /// What each session obeys.
+    pub fn limits(&self) -> Limits {
+        let ms = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
+        Limits {
+            max_message_bytes: self.max_message_bytes,
+            handshake_timeout_ms: ms(self.handshake_timeout),
+            login_timeout_ms: ms(self.login_timeout),
+            ping_interval_ms: ms(self.ping_interval),
+            idle_timeout_ms: ms(self.idle_timeout),
+            close_timeout_ms: ms(self.close_timeout),
+        }
+    }
+
+    /// How each shard's driver runs.
+    pub fn driver_options(&self) -> DriverOptions {
+        DriverOptions {
+            sweep_every: self.sweep_interval(),
+            idle_poll: self.idle_poll,
+            features: self.uring,
+        }
     }
 }
 
@@ -114,24 +122,34 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.listen.port(), 1234);
         assert_eq!(c.max_message_bytes, 65536);
-        assert!(c.backlog >= 4096);
-        assert!(c.shard_count() >= 1);
+        assert_eq!(c.backlog, 4096);
         assert_eq!(c.sweep_interval(), Duration::from_millis(500));
+        assert_eq!(c.limits(), Limits::default());
+        assert_eq!(c.runtime, Runtime::Uring);
     }
 
     #[test]
-    fn flags_parse() {
-        let c = Config::parse_from([
-            "corepush",
-            "--listen",
-            "127.0.0.1:0",
-            "--shards",
-            "3",
-            "--idle-timeout-ms",
-            "40",
-        ]);
+    fn shard_count_follows_the_setting_or_the_cores() {
+        let c = Config {
+            shards: 3,
+            ..Config::default()
+        };
         assert_eq!(c.shard_count(), 3);
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(Config::default().shard_count(), cores);
+    }
+
+    #[test]
+    fn the_sweep_follows_the_shortest_timeout() {
+        let c = Config {
+            idle_timeout: Duration::from_millis(40),
+            ..Config::default()
+        };
         assert_eq!(c.sweep_interval(), Duration::from_millis(10));
-        assert!(Config::try_parse_from(["corepush", "--ping-interval-ms", "0"]).is_err());
+        let c = Config {
+            close_timeout: Duration::from_millis(1000),
+            ..Config::default()
+        };
+        assert_eq!(c.sweep_interval(), Duration::from_millis(250));
     }
 }

@@ -1,42 +1,47 @@
 //! corepush: a WebSocket push server, thread-per-core on io_uring.
 //!
-//! Data flows one way through these modules:
+//! Data flows one way through these modules, each importing only those
+//! below it:
 //!
 //! ```text
-//!  socket ─> connection ─> handshake / frame ─> protocol ─> shard ─> router ─> shard ─> uid_table ─> connection ─> socket
+//!  socket ─> driver ─bytes─> shard ─> session (handshake, frame, protocol) ─actions─> shard
+//!                                                                                      ├─> outbox ─> socket
+//!                                                                                      └─> router ─> another shard
 //! ```
 //!
-//! - [`server`]: starts one shard per core and hands out a [`server::ServerHandle`],
-//!   and a [`server::Pusher`] through which any thread can push into the shards.
-//! - [`shard`]: one glommio executor pinned to a core: its listener, its
-//!   connections, its uid tables, its inbox. Nothing in it is shared.
-//! - [`connection`]: one connection's state machine (handshake, login, open,
-//!   closing), its reads, and its outbound queue.
-//! - [`handshake`]: the HTTP upgrade.
-//! - [`frame`]: WebSocket framing: parsing client frames, encoding shared
-//!   server frames.
+//! - [`server`]: starts one shard per core, each on its own thread, and
+//!   hands out a [`server::ServerHandle`], a [`server::Pusher`] through which
+//!   any thread can push into the shards, and a shutdown trigger.
+//! - [`driver`]: the event loop that runs a shard: [`driver::uring`],
+//!   corepush's own loop straight on io_uring (accept, receive, wait,
+//!   wake-ups, timers). It knows sockets and rings, not the protocol.
+//! - [`shard`]: one core's connections, their uid table
+//!   ([`shard::uid_table`]) and generational connection table
+//!   ([`shard::slab`]), and the routing decided from what sessions ask. It
+//!   knows tables and routing, not the ring.
+//! - [`session`]: one connection's protocol with no socket in it: bytes and
+//!   the time in, actions out. Below it, [`session::handshake`] (the HTTP
+//!   upgrade) and [`session::frame`] (RFC 6455 framing, shared server
+//!   frames).
 //! - [`protocol`]: the corepush messages: login uid, `<to>:<payload>`.
-//! - [`uid_table`]: the shard-local uid → connections map (every connection
-//!   of a uid lives on the uid's home shard).
-//! - [`router`]: home shard of a uid, and the inboxes between shards (and
-//!   from threads that are not shards), which also carry a connection to its
-//!   uid's home at login.
-//! - [`slab`]: generational connection table.
-//! - [`stats`]: per-shard counters.
-//! - [`config`], [`limits`]: settings and the open-file limit.
+//! - [`outbox`]: a connection's way out: straight to the socket while it
+//!   has room, shared frames queued while it is full.
+//! - [`router`]: the home shard of a uid, and the inboxes between shards
+//!   (and from threads that are not shards), which also carry a connection
+//!   and its session to its uid's home at login.
+//! - [`stats`]: per-shard counters. [`config`], [`limits`]: settings and
+//!   the open-file limit.
 
 pub mod config;
-pub mod connection;
-pub mod frame;
-pub mod handshake;
+pub mod driver;
 pub mod limits;
+pub mod outbox;
 pub mod protocol;
 pub mod router;
 pub mod server;
+pub mod session;
 pub mod shard;
-pub mod slab;
 pub mod stats;
-pub mod uid_table;
 
 pub use config::Config;
 pub use server::{start, Pusher, ServerHandle};

@@ -1,6 +1,8 @@
 //! The `corepush` binary: parse flags, start the shards, stop on SIGINT or
 //! SIGTERM.
 
+mod cli;
+
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
@@ -21,7 +23,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let config = corepush::Config::parse();
+    let config = cli::Cli::parse().into_config();
 
     let server = match corepush::start(config) {
         Ok(server) => server,

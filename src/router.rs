@@ -4,9 +4,9 @@
 //! Every uid has a *home* shard, chosen by a stable hash of its bytes, and
 //! every connection of the uid lives there. A connection is accepted by
 //! whichever shard the kernel picks (SO_REUSEPORT); when it logs in, that
-//! shard hands its socket over to the uid's home (`ShardMsg::Adopt`), which
-//! registers it and sends the login reply. So a message for a uid takes at
-//! most one hop:
+//! shard hands its socket and its session over to the uid's home
+//! (`ShardMsg::Adopt`), which registers it and sends the login reply. So a
+//! message for a uid takes at most one hop:
 //!
 //! ```text
 //!   sender's shard ──(0 or 1 hop)──> home shard of the uid = every connection of the uid
@@ -17,22 +17,30 @@
 //! order, targeted and broadcast alike.
 //!
 //! Each shard has one inbox: a crossbeam MPSC queue that any thread may push
-//! to (shards, and later the HTTP API and the cluster bridge), plus a
-//! doorbell: a socket pair the shard waits on, through io_uring, only when its
-//! queue is empty. A producer rings it only when the shard has said it is
-//! about to sleep, so a busy shard is never woken by syscalls and an idle one
-//! burns no CPU polling. docs/decisions.md has the measurements.
+//! to (shards, the HTTP API, the cluster bridge). A shard that finds its
+//! inbox empty says so ([`InboxReceiver::sleep`]) before it waits; a
+//! producer wakes it only then, and only once per sleep:
+//!
+//! - a shard producer queues its messages during a turn of its loop
+//!   ([`Router::push`]), asks once per destination at the end of the turn
+//!   ([`Router::take_wakeup`]), and rings the sleeper from its own io_uring
+//!   (an `IORING_OP_MSG_RING` in the submission it makes anyway), so waking
+//!   costs it no system call;
+//! - any other thread uses [`Router::send`], which rings the shard's
+//!   eventfd.
+//!
+//! A busy shard is never woken, and an idle one burns no CPU polling.
 
-use std::io::Write;
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{fence, AtomicBool, Ordering::SeqCst};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, Ordering::SeqCst};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::connection::Handover;
-use crate::frame::Frame;
+use crate::outbox::Outbox;
+use crate::session::frame::Frame;
+use crate::session::Session;
 
 /// A shard's index, 0..shards.
 pub type ShardId = u16;
@@ -43,9 +51,9 @@ pub type Origin = Option<ShardId>;
 /// What travels between shards.
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// To a uid's home: a connection that just logged in as that uid on
-    /// another shard, to be registered and answered here.
-    Adopt(Box<Handover>),
+    /// To a uid's home: a connection that logged in as that uid on another
+    /// shard, to be registered and answered here.
+    Adopt(Box<Arrival>),
     /// To the uid's home: deliver `frame` to every connection of `uid`.
     ToUid {
         uid: Arc<str>,
@@ -58,31 +66,45 @@ pub enum ShardMsg {
     Shutdown,
 }
 
-/// The uid's home shard: FNV-1a of its bytes, modulo the shard count. Stable
-/// across runs and machines, so later cluster nodes agree on it.
-pub fn home_of(uid: &str, shards: usize) -> ShardId {
+/// A logged-in connection on its way to the home shard of its uid: the
+/// socket itself (no copy of it), its session, and its unsent output.
+#[derive(Debug)]
+pub struct Arrival {
+    pub fd: OwnedFd,
+    pub uid: Arc<str>,
+    /// In `Phase::LoggingIn`, with any bytes read behind the login.
+    pub session: Session,
+    pub outbox: Outbox,
+}
+
+/// The uid's 64-bit FNV-1a hash: stable across runs, machines and builds
+/// (the cluster's nodes rely on agreeing on it).
+pub fn uid_hash(uid: &str) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in uid.as_bytes() {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    (hash % shards as u64) as ShardId
+    hash
 }
 
-/// Wakes a sleeping shard. Shared by every producer of one inbox.
-#[derive(Debug)]
-struct Doorbell {
-    /// Set by the shard just before it sleeps; the producer that clears it
-    /// rings, so one ring covers any number of messages.
-    armed: AtomicBool,
-    /// Write end of the socket pair; the shard reads the other end.
-    ring: UnixStream,
+/// The uid's home shard: its hash modulo the shard count.
+pub fn home_of(uid: &str, shards: usize) -> ShardId {
+    (uid_hash(uid) % shards as u64) as ShardId
 }
 
+/// What producers share with one shard.
 #[derive(Debug)]
 struct Inbox {
     tx: Sender<ShardMsg>,
-    bell: Arc<Doorbell>,
+    /// Set by the shard just before it waits; the producer that clears it
+    /// wakes the shard, so one wake-up covers any number of messages.
+    asleep: AtomicBool,
+    /// Written by threads that are not shards to wake this shard.
+    eventfd: OwnedFd,
+    /// This shard's io_uring, for `IORING_OP_MSG_RING` from other shards'
+    /// rings; -1 while it has none.
+    ring_fd: AtomicI32,
 }
 
 /// Sends messages to shards. Cheap to clone; usable from any thread.
@@ -95,38 +117,44 @@ pub struct Router {
 #[derive(Debug)]
 pub struct InboxReceiver {
     rx: Receiver<ShardMsg>,
-    bell: Arc<Doorbell>,
-    /// Read end of the doorbell, for the shard to wait on.
-    pub wake_fd: Option<OwnedFd>,
+    router: Router,
+    id: ShardId,
 }
 
 impl Router {
     /// Builds the router and one receiver per shard.
-    pub fn new(shards: usize) -> std::io::Result<(Router, Vec<InboxReceiver>)> {
+    pub fn new(shards: usize) -> io::Result<(Router, Vec<InboxReceiver>)> {
         let mut inboxes = Vec::with_capacity(shards);
         let mut receivers = Vec::with_capacity(shards);
         for _ in 0..shards {
             let (tx, rx) = crossbeam_channel::unbounded();
-            let (ring, wake) = UnixStream::pair()?;
-            ring.set_nonblocking(true)?;
-            wake.set_nonblocking(true)?;
-            let bell = Arc::new(Doorbell {
-                armed: AtomicBool::new(false),
-                ring,
-            });
+            // SAFETY: eventfd returns a new descriptor that we own, or -1.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` was just created and is owned by nobody else.
+            let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
             inboxes.push(Inbox {
                 tx,
-                bell: bell.clone(),
+                asleep: AtomicBool::new(false),
+                eventfd,
+                ring_fd: AtomicI32::new(-1),
             });
-            receivers.push(InboxReceiver {
-                rx,
-                bell,
-                wake_fd: Some(OwnedFd::from(wake)),
-            });
+            receivers.push(rx);
         }
         let router = Router {
             inboxes: inboxes.into(),
         };
+        let receivers = receivers
+            .into_iter()
+            .enumerate()
+            .map(|(i, rx)| InboxReceiver {
+                rx,
+                router: router.clone(),
+                id: i as ShardId,
+            })
+            .collect();
         Ok((router, receivers))
     }
 
@@ -138,54 +166,121 @@ impl Router {
         home_of(uid, self.shards())
     }
 
-    /// Puts `msg` on shard `to`'s inbox and wakes it if it sleeps.
-    pub fn send(&self, to: ShardId, msg: ShardMsg) {
-        let inbox = &self.inboxes[to as usize];
-        if inbox.tx.send(msg).is_err() {
-            return; // that shard has stopped: nothing left to deliver to
+    /// Queues `msg` for shard `to` without waking it; the caller asks
+    /// [`Router::take_wakeup`] once it has queued what it has. Gives the
+    /// message back when that shard has stopped.
+    pub fn push(&self, to: ShardId, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.inboxes[to as usize].tx.send(msg).map_err(|e| e.0)
+    }
+
+    /// After pushes to `to`: whether it sleeps and must be woken. True once
+    /// per sleep, for the one producer that takes the wake-up.
+    pub fn take_wakeup(&self, to: ShardId) -> bool {
+        fence(SeqCst); // the pushes before, the shard's emptiness check after
+        self.inboxes[to as usize].asleep.swap(false, SeqCst)
+    }
+
+    /// Wakes shard `to` through its eventfd.
+    pub fn wake(&self, to: ShardId) {
+        let one: u64 = 1;
+        let fd = self.inboxes[to as usize].eventfd.as_raw_fd();
+        // SAFETY: writes 8 bytes from a valid u64 to an eventfd we own. A
+        // failure (the counter is saturated) means a wake-up is pending.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+
+    /// Queues `msg` for shard `to` and wakes it if it sleeps: for threads
+    /// that are not shards. Gives the message back when the shard stopped.
+    pub fn send(&self, to: ShardId, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.push(to, msg)?;
+        if self.take_wakeup(to) {
+            self.wake(to);
         }
-        fence(SeqCst);
-        if inbox.bell.armed.swap(false, SeqCst) {
-            // A full socket buffer means a wake-up is already pending.
-            let _ = (&inbox.bell.ring).write(&[1]);
+        Ok(())
+    }
+
+    /// Sends to every shard a message built by `make` for each.
+    pub fn send_all(&self, mut make: impl FnMut(ShardId) -> ShardMsg) {
+        for to in 0..self.shards() as ShardId {
+            let _ = self.send(to, make(to));
         }
     }
 
-    /// Sends `msg` to every shard, built by `make` for each.
-    pub fn send_all(&self, mut make: impl FnMut(ShardId) -> ShardMsg) {
-        for to in 0..self.shards() {
-            self.send(to as ShardId, make(to as ShardId));
-        }
+    /// Shard `to`'s io_uring descriptor, once it has one.
+    pub fn ring_fd(&self, to: ShardId) -> Option<RawFd> {
+        let fd = self.inboxes[to as usize].ring_fd.load(SeqCst);
+        (fd >= 0).then_some(fd)
     }
 }
 
 impl InboxReceiver {
+    pub fn id(&self) -> ShardId {
+        self.id
+    }
+
+    fn inbox(&self) -> &Inbox {
+        &self.router.inboxes[self.id as usize]
+    }
+
     pub fn try_recv(&self) -> Option<ShardMsg> {
         self.rx.try_recv().ok()
     }
 
-    /// Declares that the shard is about to wait on `wake_fd`. Returns false
-    /// (and disarms) when a message slipped in meanwhile: drain again instead.
-    pub fn arm(&self) -> bool {
-        self.bell.armed.store(true, SeqCst);
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// Declares that the shard is about to wait. Returns false (and stays
+    /// awake) when a message slipped in meanwhile: drain again instead.
+    pub fn sleep(&self) -> bool {
+        self.inbox().asleep.store(true, SeqCst);
         fence(SeqCst);
         if self.rx.is_empty() {
             return true;
         }
-        self.bell.armed.store(false, SeqCst);
+        self.inbox().asleep.store(false, SeqCst);
         false
+    }
+
+    /// The shard is running again: producers need not wake it.
+    pub fn awake(&self) {
+        self.inbox().asleep.store(false, SeqCst);
+    }
+
+    /// The eventfd that threads outside the shards write to wake this one.
+    pub fn eventfd(&self) -> RawFd {
+        self.inbox().eventfd.as_raw_fd()
+    }
+
+    /// Publishes this shard's io_uring descriptor for MSG_RING wake-ups
+    /// (-1 to withdraw it before the ring closes).
+    pub fn set_ring_fd(&self, fd: RawFd) {
+        self.inbox().ring_fd.store(fd, SeqCst);
+    }
+
+    /// Empties the eventfd's counter after it woke the shard.
+    pub fn clear_eventfd(&self) {
+        let mut count: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64 from an eventfd we own;
+        // EAGAIN (already clear) is fine.
+        unsafe { libc::read(self.eventfd(), (&mut count as *mut u64).cast(), 8) };
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
 
     #[test]
-    fn home_is_stable_and_spread() {
+    fn home_is_pinned_and_spread() {
+        // Pinned values: every node of a cluster, every build and every
+        // machine must agree on them (FNV-1a 64 of the uid's bytes).
+        assert_eq!(uid_hash(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(uid_hash("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(uid_hash("alice"), 0x508b_2abb_65a0_3907);
         assert_eq!(home_of("alice", 1), 0);
-        assert_eq!(home_of("alice", 7), home_of("alice", 7));
+        assert_eq!(home_of("alice", 7), 1);
+        assert_eq!(home_of("alice", 2), 1);
         let mut seen = [0usize; 4];
         for i in 0..4000 {
             seen[home_of(&format!("u{i}"), 4) as usize] += 1;
@@ -193,25 +288,51 @@ mod tests {
         assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
     }
 
+    fn eventfd_count(rx: &InboxReceiver) -> u64 {
+        let mut count: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64 from the eventfd.
+        let n = unsafe { libc::read(rx.eventfd(), (&mut count as *mut u64).cast(), 8) };
+        if n == 8 {
+            count
+        } else {
+            0
+        }
+    }
+
     #[test]
-    fn rings_only_when_armed() {
+    fn wakes_only_a_sleeping_shard_once_per_sleep() {
         let (router, mut rx) = Router::new(1).unwrap();
         let rx = rx.remove(0);
-        let mut wake = UnixStream::from(rx.wake_fd.as_ref().unwrap().try_clone().unwrap());
-        let mut byte = [0u8; 8];
 
-        router.send(0, ShardMsg::Shutdown);
-        assert!(wake.read(&mut byte).is_err(), "not armed: no ring");
-        assert!(!rx.arm(), "a message is waiting: do not sleep");
+        router.send(0, ShardMsg::Shutdown).unwrap();
+        assert_eq!(eventfd_count(&rx), 0, "awake: no wake-up");
+        assert!(!rx.sleep(), "a message is waiting: do not sleep");
         assert!(matches!(rx.try_recv(), Some(ShardMsg::Shutdown)));
 
-        assert!(rx.arm());
-        router.send(0, ShardMsg::Shutdown);
-        router.send(0, ShardMsg::Shutdown);
-        assert_eq!(
-            wake.read(&mut byte).unwrap(),
-            1,
-            "one ring for two messages"
-        );
+        assert!(rx.sleep());
+        router.send(0, ShardMsg::Shutdown).unwrap();
+        router.send(0, ShardMsg::Shutdown).unwrap();
+        assert_eq!(eventfd_count(&rx), 1, "one wake-up for two messages");
+
+        // A shard producer asks once per batch.
+        rx.awake();
+        assert!(!rx.sleep(), "two messages still wait");
+        while rx.try_recv().is_some() {}
+        assert!(rx.sleep());
+        router.push(0, ShardMsg::Shutdown).unwrap();
+        router.push(0, ShardMsg::Shutdown).unwrap();
+        assert!(router.take_wakeup(0));
+        assert!(!router.take_wakeup(0), "the wake-up is taken once");
+        assert_eq!(eventfd_count(&rx), 0, "push alone never rings");
+    }
+
+    #[test]
+    fn a_stopped_shard_gives_the_message_back() {
+        let (router, rx) = Router::new(2).unwrap();
+        drop(rx);
+        assert!(matches!(
+            router.send(1, ShardMsg::Shutdown),
+            Err(ShardMsg::Shutdown)
+        ));
     }
 }

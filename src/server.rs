@@ -1,43 +1,31 @@
 //! Starting and stopping the server: one shard per core, each on its own
 //! thread with its own listener on the same address (SO_REUSEPORT), so the
-//! kernel spreads new connections over the shards.
+//! kernel spreads new connections over the shards; and the handles other
+//! threads use to push into the shards and to stop them.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
-use std::rc::Rc;
+use std::os::fd::OwnedFd;
+use std::sync::mpsc;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
-use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
-use crate::frame::{self, Opcode};
+use crate::driver::{uring, Runtime};
 use crate::limits::{self, FdLimit};
-use crate::router::{Router, ShardId, ShardMsg};
+use crate::router::{InboxReceiver, Router, ShardId, ShardMsg};
+use crate::session::frame::{self, Opcode};
 use crate::shard::Shard;
 use crate::stats::{ShardStats, Snapshot};
-
-/// io_uring buffer memory registered per shard. corepush does no file I/O
-/// and reads sockets with plain non-blocking recv, so glommio's default of
-/// 10 MiB of locked memory per shard would only be wasted (and would exceed
-/// a default `ulimit -l` of 8 MiB for non-root users).
-const IO_MEMORY: usize = 1 << 20;
-
-/// Entries of each io_uring submission queue. The kernel sizes the hash
-/// table it searches on every cancellation by this (8 buckets at glommio's
-/// default of 128, up to its maximum of 256 from 4096 on), and glommio
-/// cancels a timer on every wake-up while every idle connection keeps a poll
-/// request in that table: at 9,500 connections a shard spent half its time
-/// walking 1,200-entry buckets (docs/decisions.md).
-const RING_DEPTH: usize = 4096;
 
 /// A running server.
 pub struct ServerHandle {
     addr: SocketAddr,
     router: Router,
     stats: Vec<Arc<ShardStats>>,
-    threads: Vec<glommio::ExecutorJoinHandle<()>>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
     fd_limit: FdLimit,
 }
 
@@ -69,7 +57,8 @@ impl Pusher {
         let home = self.router.home_of(uid);
         let uid = Arc::from(uid);
         let origin = None;
-        self.router
+        let _ = self
+            .router
             .send(home, ShardMsg::ToUid { uid, frame, origin });
     }
 
@@ -83,7 +72,9 @@ impl Pusher {
     }
 }
 
-/// Binds the listeners and starts the shards.
+/// Binds the listeners and starts the shards. Fails, with every shard that
+/// did start stopped again, when the address is taken or a shard cannot
+/// set up its event loop.
 pub fn start(config: Config) -> io::Result<ServerHandle> {
     let fd_limit = limits::raise_fd_limit()?;
     let shards = config.shard_count();
@@ -93,51 +84,34 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
             "too many shards",
         ));
     }
-    let first = listen(config.listen, config.backlog)?;
-    let addr = first
+    let listeners = listen_all(config.listen, config.backlog, shards)?;
+    let addr = listeners[0]
         .local_addr()?
         .as_socket()
         .expect("an IP listener has an IP address");
-    let mut listeners = vec![first];
-    for _ in 1..shards {
-        listeners.push(listen(addr, config.backlog)?);
-    }
 
     let (router, inboxes) = Router::new(shards)?;
-    let config = Arc::new(config);
     let cpus = allowed_cpus();
     let mut stats = Vec::with_capacity(shards);
     let mut threads = Vec::with_capacity(shards);
-    // Each shard says it is running; a shard whose executor could not be
-    // built drops its sender without a word.
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
-    for (i, (listener, mut inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
-        let ready = ready_tx.clone();
+    // Each shard says whether its event loop is set up.
+    let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+    for (i, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let shard_stats = Arc::new(ShardStats::default());
         stats.push(shard_stats.clone());
-        let (config, router) = (config.clone(), router.clone());
-        let listen_fd = listener.into_raw_fd();
-        let wake_fd = inbox.wake_fd.take().expect("fresh inbox").into_raw_fd();
-        let placement = if config.no_pin {
-            Placement::Unbound
-        } else {
-            Placement::Fixed(cpus[i % cpus.len()])
+        let cpu = (!config.no_pin).then(|| cpus[i % cpus.len()]);
+        let shard = ShardStart {
+            config: config.clone(),
+            router: router.clone(),
+            inbox,
+            stats: shard_stats,
+            listener: OwnedFd::from(listener),
+            cpu,
         };
-        let thread = LocalExecutorBuilder::new(placement)
-            .name(&format!("corepush-shard-{i}"))
-            .io_memory(IO_MEMORY)
-            .ring_depth(RING_DEPTH)
-            .spawn(move || async move {
-                // SAFETY: both descriptors were just created for this shard
-                // alone and their ownership moves here.
-                let listener = unsafe { glommio::net::TcpListener::from_raw_fd(listen_fd) };
-                let wake = unsafe { glommio::net::UnixStream::from_raw_fd(wake_fd) };
-                let shard = Shard::new(i as ShardId, config, router, inbox, shard_stats);
-                let _ = ready.send(());
-                drop(ready);
-                Rc::new(shard).run(listener, wake).await;
-            })
-            .map_err(io::Error::from)?;
+        let ready = ready_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("corepush-shard-{i}"))
+            .spawn(move || shard.run(ready))?;
         threads.push(thread);
     }
     drop(ready_tx);
@@ -148,42 +122,132 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
         threads,
         fd_limit,
     };
-    let running = ready_rx.iter().take(shards).count();
-    if running < shards {
-        // Stop the shards that did start, and report why the others did not.
-        let error = match server.shutdown() {
-            Err(e) => e,
-            Ok(()) => io::Error::other("a shard did not start"),
-        };
+    let mut failure = None;
+    for result in ready_rx.iter().take(shards) {
+        if let Err(e) = result {
+            failure.get_or_insert(e);
+        }
+    }
+    if let Some(error) = failure {
+        // Stop the shards that did start; their listeners close with them.
+        let _ = server.shutdown();
         return Err(explain_start_failure(error));
     }
     Ok(server)
 }
 
-/// Adds what to do to the errors a shard's executor meets at start.
+/// What a shard's thread needs.
+struct ShardStart {
+    config: Config,
+    router: Router,
+    inbox: InboxReceiver,
+    stats: Arc<ShardStats>,
+    listener: OwnedFd,
+    /// The core to pin the thread to, if pinning.
+    cpu: Option<usize>,
+}
+
+impl ShardStart {
+    fn run(self, ready: mpsc::Sender<io::Result<()>>) -> io::Result<()> {
+        if let Some(cpu) = self.cpu {
+            pin_to(cpu);
+        }
+        let options = self.config.driver_options();
+        let shard = Shard::new(
+            self.inbox,
+            self.router,
+            self.config.limits(),
+            self.config.max_outbound_bytes,
+            self.stats,
+        );
+        match self.config.runtime {
+            Runtime::Uring => match uring::Driver::new(&shard, self.listener, options) {
+                Ok(driver) => {
+                    let _ = ready.send(Ok(()));
+                    drop(ready);
+                    driver.run(shard)
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    Err(e)
+                }
+            },
+            Runtime::Glommio => {
+                let e = io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the glommio driver is not built",
+                );
+                let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Adds what to do to the errors a shard's event loop meets at start.
 fn explain_start_failure(error: io::Error) -> io::Error {
     match error.raw_os_error() {
         Some(libc::ENOMEM) | Some(libc::EPERM) => io::Error::new(
             error.kind(),
             format!(
                 "a shard could not set up io_uring ({error}): each shard needs about \
-                 2.5 MiB of locked memory for its rings and buffers; raise `ulimit -l` \
+                 3 MiB of locked memory for its rings and buffers; raise `ulimit -l` \
                  (systemd: LimitMEMLOCK=) or use fewer --shards"
             ),
+        ),
+        Some(libc::ENOSYS) => io::Error::new(
+            error.kind(),
+            format!("io_uring is not available ({error}): corepush needs Linux 6.0 or later"),
         ),
         _ => error,
     }
 }
 
-/// A listening socket with a backlog of our choosing (glommio's own bind
-/// hard-codes 1024) and SO_REUSEPORT, so every shard can bind the address.
+/// One listener per shard on `addr`. A fixed port already served by
+/// another process is refused: SO_REUSEPORT would otherwise let this
+/// server join that one's group and take half of its new connections.
+fn listen_all(addr: SocketAddr, backlog: u32, shards: usize) -> io::Result<Vec<Socket>> {
+    if addr.port() != 0 {
+        refuse_if_taken(addr)?;
+    }
+    let first = listen(addr, backlog)?;
+    let addr = first
+        .local_addr()?
+        .as_socket()
+        .expect("an IP listener has an IP address");
+    let mut listeners = vec![first];
+    for _ in 1..shards {
+        listeners.push(listen(addr, backlog)?);
+    }
+    Ok(listeners)
+}
+
+/// Binds `addr` once without SO_REUSEPORT: that fails if any process
+/// listens there, whatever its options.
+fn refuse_if_taken(addr: SocketAddr) -> io::Result<()> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{addr} is already in use by another process (is another corepush running?)"),
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// A listening socket with a backlog of our choosing, SO_REUSEPORT so every
+/// shard can bind the address, and TCP_NODELAY, which accepted sockets
+/// inherit (no system call per connection for it).
 fn listen(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    socket.set_nodelay(true)?;
+    socket.set_cloexec(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
-    socket.set_nonblocking(true)?;
     Ok(socket)
 }
 
@@ -192,8 +256,10 @@ fn listen(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
 fn allowed_cpus() -> Vec<usize> {
     // SAFETY: a zeroed cpu_set_t is valid, and sched_getaffinity fills it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
     let ok = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } == 0;
     let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads the set within its size.
         .filter(|&cpu| ok && unsafe { libc::CPU_ISSET(cpu, &set) })
         .collect();
     if cpus.is_empty() {
@@ -201,6 +267,16 @@ fn allowed_cpus() -> Vec<usize> {
     } else {
         cpus
     }
+}
+
+/// Pins the calling thread to one CPU (best effort).
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` < CPU_SETSIZE, as allowed_cpus() gave it.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is this thread.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
 }
 
 impl ServerHandle {
@@ -256,10 +332,19 @@ impl ServerHandle {
     }
 
     /// Waits until every shard has finished (after a shutdown trigger).
+    /// The first shard error, if any, is returned.
     pub fn join(self) -> io::Result<()> {
+        let mut result = Ok(());
         for thread in self.threads {
-            thread.join().map_err(io::Error::from)?;
+            let outcome = thread
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("a shard panicked")));
+            if let Err(e) = outcome {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
         }
-        Ok(())
+        result
     }
 }

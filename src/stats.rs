@@ -19,6 +19,8 @@ pub enum Counter {
     Accepted,
     /// accept() failed because the process or system ran out of descriptors.
     AcceptFdExhausted,
+    /// accept() failed for another reason (retried after a short pause).
+    AcceptFailed,
     HandshakeFailed,
     Logins,
     /// Connections that logged in here and were handed to their uid's home.
@@ -51,12 +53,13 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 21] = [
+    pub const ALL: [Counter; 22] = [
         Counter::Connections,
         Counter::LoggedIn,
         Counter::LocalUids,
         Counter::Accepted,
         Counter::AcceptFdExhausted,
+        Counter::AcceptFailed,
         Counter::HandshakeFailed,
         Counter::Logins,
         Counter::HandedOver,
@@ -83,6 +86,7 @@ impl Counter {
             Counter::LocalUids => "local_uids",
             Counter::Accepted => "accepted",
             Counter::AcceptFdExhausted => "accept_fd_exhausted",
+            Counter::AcceptFailed => "accept_failed",
             Counter::HandshakeFailed => "handshake_failed",
             Counter::Logins => "logins",
             Counter::HandedOver => "handed_over",

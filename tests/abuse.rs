@@ -84,7 +84,7 @@ fn random_garbage_never_crashes_or_stalls_the_server() {
 
 #[test]
 fn slow_handshake_times_out_with_408() {
-    let server = TestServer::start_with(1, |c| c.handshake_timeout_ms = Duration::from_millis(200));
+    let server = TestServer::start_with(1, |c| c.handshake_timeout = Duration::from_millis(200));
     let mut s = tcp(server.addr);
     s.write_all(b"GET / HTTP/1.1\r\nHost: slow").unwrap();
     let reply = String::from_utf8(read_to_end(&mut s)).unwrap();

@@ -147,8 +147,8 @@ fn client_close_is_echoed_and_the_uid_is_gone() {
 #[test]
 fn server_pings_silent_clients_and_closes_them_when_silence_lasts() {
     let server = TestServer::start_with(1, |c| {
-        c.ping_interval_ms = Duration::from_millis(100);
-        c.idle_timeout_ms = Duration::from_millis(400);
+        c.ping_interval = Duration::from_millis(100);
+        c.idle_timeout = Duration::from_millis(400);
     });
     // A client that answers pings stays.
     let mut good = raw_login(server.addr, "answers");

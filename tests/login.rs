@@ -94,7 +94,7 @@ fn login_and_first_message_in_one_packet() {
 
 #[test]
 fn login_timeout_closes_with_1008() {
-    let server = TestServer::start_with(1, |c| c.login_timeout_ms = Duration::from_millis(200));
+    let server = TestServer::start_with(1, |c| c.login_timeout = Duration::from_millis(200));
     let mut ws = connect(server.addr);
     assert_eq!(expect_close(&mut ws), (1008, "login timeout".into()));
     server.wait_for("timeout counted", |s| s.get(Counter::Timeouts) == 1);

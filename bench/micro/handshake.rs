@@ -1,5 +1,5 @@
 //! Cost of one upgrade: tungstenite's request parser and response builder
-//! against corepush's in-place parse (`corepush::handshake::process`).
+//! against corepush's in-place parse (`corepush::session::handshake::process`).
 //!
 //! `cargo bench --bench handshake`: ns and heap allocations per upgrade.
 
@@ -58,13 +58,12 @@ fn main() {
         "one upgrade request ({} bytes), {ROUNDS} rounds",
         REQUEST.len()
     );
-    let ours = measure(
-        "corepush::handshake::process",
-        || match corepush::handshake::process(REQUEST) {
-            corepush::handshake::Outcome::Upgrade { response, .. } => response.len(),
+    let ours = measure("corepush::session::handshake::process", || {
+        match corepush::session::handshake::process(REQUEST) {
+            corepush::session::handshake::Outcome::Upgrade { response, .. } => response.len(),
             _ => panic!("not an upgrade"),
-        },
-    );
+        }
+    });
     let theirs = measure("tungstenite try_parse+create_response", || {
         let (_, request) = Request::try_parse(REQUEST).unwrap().unwrap();
         let response = create_response(&request).unwrap();

@@ -12,7 +12,7 @@ use std::io::Write;
 
 use tungstenite::handshake::derive_accept_key;
 
-use crate::frame::Frame;
+use super::frame::Frame;
 
 /// The largest upgrade request accepted, headers included.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;

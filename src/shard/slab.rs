@@ -2,7 +2,7 @@
 //!
 //! A [`Key`] names one slot *and* the generation it was issued for, so a key
 //! kept past the connection's end (in a uid table, a queued delivery, a timer
-//! sweep) never reaches a later connection that reused the slot: `get` checks
+//! sweep, an io_uring request in flight) never reaches a later connection that reused the slot: `get` checks
 //! the generation and answers `None`. The shard is the only thread that
 //! touches its slab, so nothing here is atomic (see docs/decisions.md for why
 //! sharded-slab is not used).
@@ -12,6 +12,27 @@
 pub struct Key {
     index: u32,
     generation: u32,
+}
+
+/// Generations wrap within this many bits, so a key fits in 61 bits and an
+/// io_uring request's 64-bit user data can carry a key and a 3-bit tag.
+const GENERATION_BITS: u32 = 29;
+const GENERATION_MASK: u32 = (1 << GENERATION_BITS) - 1;
+
+impl Key {
+    /// The key as 61 bits: the index in the low 32, the generation above.
+    pub fn to_bits(self) -> u64 {
+        u64::from(self.index) | u64::from(self.generation) << 32
+    }
+
+    /// The key that [`Key::to_bits`] gave these bits for (higher bits are
+    /// ignored).
+    pub fn from_bits(bits: u64) -> Key {
+        Key {
+            index: bits as u32,
+            generation: (bits >> 32) as u32 & GENERATION_MASK,
+        }
+    }
 }
 
 struct Slot<T> {
@@ -93,7 +114,7 @@ impl<T> Slab<T> {
             return None;
         }
         let value = slot.value.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
+        slot.generation = (slot.generation + 1) & GENERATION_MASK;
         self.fresh_generation = self.fresh_generation.max(slot.generation);
         self.free.push(key.index);
         self.len -= 1;
@@ -114,6 +135,16 @@ impl<T> Slab<T> {
         self.free.retain(|&index| index < end);
         self.slots.shrink_to_fit();
         self.free.shrink_to_fit();
+    }
+
+    /// Every live key.
+    pub fn keys(&self) -> impl Iterator<Item = Key> + '_ {
+        self.slots.iter().enumerate().filter_map(|(i, slot)| {
+            slot.value.as_ref().map(|_| Key {
+                index: i as u32,
+                generation: slot.generation,
+            })
+        })
     }
 
     /// Every live value, with its key.
@@ -163,6 +194,28 @@ mod tests {
         assert_eq!(slab.get(stale), None);
         assert!(refill.iter().all(|&k| slab.get(k).is_some()));
         assert_eq!(slab.len(), 4100);
+    }
+
+    #[test]
+    fn keys_round_trip_through_61_bits() {
+        let mut slab = Slab::default();
+        let mut key = slab.insert(());
+        for _ in 0..3 {
+            slab.remove(key);
+            key = slab.insert(());
+        }
+        assert_eq!(key.generation, 3);
+        let tagged = key.to_bits() | 5 << 61;
+        assert_eq!(Key::from_bits(tagged), key);
+        assert_eq!(key.to_bits() >> 61, 0, "the top 3 bits stay free");
+        // A slot's generation wraps inside its bits.
+        slab.slots[0].generation = GENERATION_MASK;
+        let last = Key {
+            index: 0,
+            generation: GENERATION_MASK,
+        };
+        assert!(slab.remove(last).is_some());
+        assert_eq!(slab.slots[0].generation, 0);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use crate::slab::Key;
+use super::slab::Key;
 
 /// Most uids have one connection, so one key is stored inline.
 type Conns = SmallVec<[Key; 1]>;
@@ -81,7 +81,7 @@ impl UidTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::slab::Slab;
+    use crate::shard::slab::Slab;
 
     #[test]
     fn connections_come_and_go() {

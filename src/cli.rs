@@ -1,0 +1,171 @@
+//! The command line, parsed with clap into the library's plain
+//! [`corepush::Config`]. It lives in the binary, so a program embedding the
+//! library does not pull in a command-line parser.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use corepush::driver::{Runtime, UringFeatures};
+use corepush::Config;
+
+/// corepush: a WebSocket push server. Clients log in with a uid, then send
+/// `<uid>:<message>` to push to that user or `all:<message>` to everyone.
+#[derive(Debug, Clone, Parser)]
+#[command(version)]
+pub struct Cli {
+    /// Address to listen on (every shard binds it with SO_REUSEPORT).
+    #[arg(long, default_value = "0.0.0.0:1234")]
+    pub listen: SocketAddr,
+
+    /// Number of shards (one thread pinned per core); 0 means one per available core.
+    #[arg(long, default_value_t = 0)]
+    pub shards: usize,
+
+    /// Do not pin shard threads to cores. Pinning keeps each shard's data in
+    /// one core's caches on a dedicated machine; on a host shared with other
+    /// busy processes (a benchmark client on the same cores) it stops the
+    /// scheduler from moving a woken shard to an idle core.
+    #[arg(long)]
+    pub no_pin: bool,
+
+    /// Listen backlog of each shard's socket (capped by net.core.somaxconn).
+    #[arg(long, default_value_t = 4096)]
+    pub backlog: u32,
+
+    /// Largest message a client may send, in bytes, after reassembling
+    /// fragments; a larger one closes the connection with code 1009.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Bytes that may wait in user space for one connection that is not
+    /// reading; past it the connection is closed with 1008 "slow consumer".
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_outbound_bytes: usize,
+
+    /// Time allowed from accept to a complete WebSocket upgrade request.
+    #[arg(long, value_parser = parse_ms, default_value = "10000")]
+    pub handshake_timeout_ms: Duration,
+
+    /// Time allowed from the upgrade to the login message.
+    #[arg(long, value_parser = parse_ms, default_value = "10000")]
+    pub login_timeout_ms: Duration,
+
+    /// The server pings a connection that has been silent this long.
+    #[arg(long, value_parser = parse_ms, default_value = "25000")]
+    pub ping_interval_ms: Duration,
+
+    /// A connection silent this long (pings unanswered) is closed with 1001.
+    #[arg(long, value_parser = parse_ms, default_value = "60000")]
+    pub idle_timeout_ms: Duration,
+
+    /// After the server sends a close frame, how long it waits for the
+    /// client to close before dropping the socket.
+    #[arg(long, value_parser = parse_ms, default_value = "2000")]
+    pub close_timeout_ms: Duration,
+
+    /// The event loop that runs the shards: corepush's own loop on io_uring,
+    /// or the glommio runtime (kept for comparison, see docs/decisions.md).
+    #[arg(long, value_enum, default_value_t = RuntimeArg::Uring)]
+    pub runtime: RuntimeArg,
+
+    /// Microseconds a shard spins for new work before it sleeps (0: sleep
+    /// at once). Can help on a dedicated host; on a shared one it costs CPU.
+    #[arg(long, default_value_t = 0)]
+    pub idle_poll_us: u64,
+
+    /// io_uring features to leave off, comma-separated (single-issuer,
+    /// defer-taskrun, coop-taskrun, msg-ring): for measuring what each buys.
+    #[arg(long, value_delimiter = ',', hide = true)]
+    pub uring_disable: Vec<UringFeature>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeArg {
+    Uring,
+    Glommio,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UringFeature {
+    SingleIssuer,
+    DeferTaskrun,
+    CoopTaskrun,
+    MsgRing,
+}
+
+fn parse_ms(text: &str) -> Result<Duration, String> {
+    let ms: u64 = text.parse().map_err(|e| format!("{e}"))?;
+    if ms == 0 {
+        return Err("must be at least 1 ms".into());
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+impl Cli {
+    pub fn into_config(self) -> Config {
+        let mut uring = UringFeatures::default();
+        for feature in &self.uring_disable {
+            match feature {
+                UringFeature::SingleIssuer => uring.single_issuer = false,
+                UringFeature::DeferTaskrun => uring.defer_taskrun = false,
+                UringFeature::CoopTaskrun => uring.coop_taskrun = false,
+                UringFeature::MsgRing => uring.msg_ring = false,
+            }
+        }
+        Config {
+            listen: self.listen,
+            shards: self.shards,
+            no_pin: self.no_pin,
+            backlog: self.backlog,
+            max_message_bytes: self.max_message_bytes,
+            max_outbound_bytes: self.max_outbound_bytes,
+            handshake_timeout: self.handshake_timeout_ms,
+            login_timeout: self.login_timeout_ms,
+            ping_interval: self.ping_interval_ms,
+            idle_timeout: self.idle_timeout_ms,
+            close_timeout: self.close_timeout_ms,
+            runtime: match self.runtime {
+                RuntimeArg::Uring => Runtime::Uring,
+                RuntimeArg::Glommio => Runtime::Glommio,
+            },
+            idle_poll: Duration::from_micros(self.idle_poll_us),
+            uring,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_flags_give_the_library_defaults() {
+        let parsed = Cli::parse_from(["corepush"]).into_config();
+        let defaults = Config::default();
+        assert_eq!(format!("{parsed:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn flags_parse() {
+        let c = Cli::parse_from([
+            "corepush",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "3",
+            "--idle-timeout-ms",
+            "40",
+            "--runtime",
+            "glommio",
+            "--uring-disable",
+            "msg-ring,defer-taskrun",
+        ])
+        .into_config();
+        assert_eq!(c.shard_count(), 3);
+        assert_eq!(c.idle_timeout, Duration::from_millis(40));
+        assert_eq!(c.runtime, Runtime::Glommio);
+        assert!(!c.uring.msg_ring && !c.uring.defer_taskrun && c.uring.single_issuer);
+        assert!(Cli::try_parse_from(["corepush", "--ping-interval-ms", "0"]).is_err());
+    }
+}
