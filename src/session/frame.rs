@@ -165,7 +165,7 @@ pub fn encode_close(code: u16, reason: &str) -> Frame {
 }
 
 /// Encodes a frame whose payload is the concatenation of `parts`, in one
-/// allocation holding exactly the wire bytes.
+/// allocation of exactly the wire size, written once.
 fn encode_parts(opcode: Opcode, parts: &[&[u8]]) -> Frame {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     let header = FrameHeader {
@@ -178,12 +178,17 @@ fn encode_parts(opcode: Opcode, parts: &[&[u8]]) -> Frame {
     header
         .format(len as u64, &mut &mut head[..])
         .expect("a header fits in 10 bytes");
-    let chain = head[..head_len]
-        .iter()
-        .chain(parts.iter().flat_map(|p| p.iter()));
-    let frame: Frame = chain.copied().collect();
-    debug_assert_eq!(frame.len(), head_len + len);
-    frame
+    let mut frame = Arc::<[u8]>::new_uninit_slice(head_len + len);
+    let slots = Arc::get_mut(&mut frame).expect("a new Arc has one owner");
+    let mut at = 0;
+    for part in std::iter::once(&head[..head_len]).chain(parts.iter().copied()) {
+        slots[at..at + part.len()].write_copy_of_slice(part);
+        at += part.len();
+    }
+    debug_assert_eq!(at, slots.len());
+    // SAFETY: the loop above wrote every byte: the header and the parts
+    // together are exactly `head_len + len` bytes, the slice's length.
+    unsafe { frame.assume_init() }
 }
 
 /// What a client's close frame said, once validated.
