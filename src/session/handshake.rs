@@ -63,6 +63,9 @@ pub fn process(buf: &[u8]) -> Outcome {
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value)
     };
+    if header("Host").is_none() {
+        return reject(400, "Bad Request", "missing Host header");
+    }
     if !has_token(header("Upgrade"), "websocket") || !has_token(header("Connection"), "upgrade") {
         return reject(
             426,
@@ -171,6 +174,8 @@ mod tests {
         assert_eq!(status(&process(b"\x16\x03\x01garbage\r\n\r\n")), 400);
         let old = GOOD.replace("HTTP/1.1", "HTTP/1.0");
         assert_eq!(status(&process(old.as_bytes())), 400);
+        let no_host = GOOD.replace("Host: x\r\n", "");
+        assert_eq!(status(&process(no_host.as_bytes())), 400);
         let no_key = GOOD.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
         assert_eq!(status(&process(no_key.as_bytes())), 400);
         let bad_key = GOOD.replace("dGhlIHNhbXBsZSBub25jZQ==", "short==");
@@ -182,7 +187,10 @@ mod tests {
         let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_REQUEST_BYTES));
         assert_eq!(status(&process(huge.as_bytes())), 431);
         let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
-        let crowded = GOOD.replace("Host: x\r\n", &many);
+        let crowded = GOOD.replace(
+            "Upgrade: websocket\r\n",
+            &format!("Upgrade: websocket\r\n{many}"),
+        );
         assert_eq!(status(&process(crowded.as_bytes())), 431);
     }
 }
