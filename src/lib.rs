@@ -10,8 +10,9 @@
 //! ```
 //!
 //! - [`server`]: starts one shard per core, each on its own thread, and
-//!   hands out a [`server::ServerHandle`], a [`server::Pusher`] through which
-//!   any thread can push into the shards, and a shutdown trigger.
+//!   hands out a [`server::ServerHandle`] and a shutdown trigger.
+//! - [`push`]: the [`Pusher`], through which any thread pushes into the
+//!   shards and learns how many connections a push reached.
 //! - [`driver`]: the event loop that runs a shard: [`driver::uring`],
 //!   corepush's own loop straight on io_uring (accept, receive, wait,
 //!   wake-ups, timers). It knows sockets and rings, not the protocol.
@@ -37,6 +38,7 @@ pub mod driver;
 pub mod limits;
 pub mod outbox;
 pub mod protocol;
+pub mod push;
 pub mod router;
 pub mod server;
 pub mod session;
@@ -44,4 +46,5 @@ pub mod shard;
 pub mod stats;
 
 pub use config::Config;
-pub use server::{start, Pusher, ServerHandle};
+pub use push::{Delivery, Kind, Pusher};
+pub use server::{start, ServerHandle};

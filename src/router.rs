@@ -33,9 +33,10 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{fence, AtomicBool, AtomicI32, Ordering::SeqCst};
+use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
+use atomic_waker::AtomicWaker;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::outbox::Outbox;
@@ -54,16 +55,93 @@ pub enum ShardMsg {
     /// To a uid's home: a connection that logged in as that uid on another
     /// shard, to be registered and answered here.
     Adopt(Box<Arrival>),
-    /// To the uid's home: deliver `frame` to every connection of `uid`.
+    /// To the uid's home: deliver `frame` to every connection of `uid`,
+    /// and report how many to `ack`, if any.
     ToUid {
         uid: Arc<str>,
         frame: Frame,
         origin: Origin,
+        ack: Option<Ack>,
     },
     /// To every shard: deliver `frame` to every logged-in connection.
-    Broadcast { frame: Frame, origin: Origin },
+    Broadcast {
+        frame: Frame,
+        origin: Origin,
+        ack: Option<Ack>,
+    },
+    /// To the uid's home: report how many connections `uid` has.
+    Online { uid: Arc<str>, ack: Ack },
     /// Stop accepting, close every connection with 1001, then stop.
     Shutdown,
+}
+
+/// Where a shard reports a count back to a thread outside the shards (how
+/// many connections a push reached, how many a uid has). One `Ack` per
+/// message; a [`Tally`] sums the acks of one request, and its waiter wakes
+/// when the last one is in. An ack dropped unanswered (its shard stopped)
+/// counts 0, so a waiter never waits forever.
+#[derive(Debug)]
+pub struct Ack {
+    tally: Option<Arc<Tally>>,
+}
+
+/// The counts of one request, summed as its acks come in.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Acks not in yet.
+    remaining: AtomicUsize,
+    total: AtomicU64,
+    /// Woken by the last ack.
+    waker: AtomicWaker,
+}
+
+impl Tally {
+    /// A tally waiting for `acks` acks, and those acks.
+    pub fn new(acks: usize) -> (Arc<Tally>, Vec<Ack>) {
+        let tally = Arc::new(Tally {
+            remaining: AtomicUsize::new(acks),
+            ..Tally::default()
+        });
+        let acks = (0..acks)
+            .map(|_| Ack {
+                tally: Some(tally.clone()),
+            })
+            .collect();
+        (tally, acks)
+    }
+
+    /// The sum, once every ack is in.
+    pub fn total(&self) -> Option<u64> {
+        (self.remaining.load(SeqCst) == 0).then(|| self.total.load(SeqCst))
+    }
+
+    /// Registers the waker to wake when every ack is in.
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+}
+
+impl Ack {
+    /// Reports `n`.
+    pub fn done(mut self, n: u64) {
+        if let Some(tally) = self.tally.take() {
+            tally.total.fetch_add(n, SeqCst);
+            if tally.remaining.fetch_sub(1, SeqCst) == 1 {
+                tally.waker.wake();
+            }
+        }
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        if self.tally.is_some() {
+            Ack {
+                tally: self.tally.take(),
+            }
+            .done(0);
+        }
+    }
 }
 
 /// A logged-in connection on its way to the home shard of its uid: the
@@ -324,6 +402,16 @@ mod tests {
         assert!(router.take_wakeup(0));
         assert!(!router.take_wakeup(0), "the wake-up is taken once");
         assert_eq!(eventfd_count(&rx), 0, "push alone never rings");
+    }
+
+    #[test]
+    fn a_tally_sums_its_acks_and_counts_a_dropped_one_as_zero() {
+        let (tally, mut acks) = Tally::new(3);
+        acks.pop().unwrap().done(5);
+        assert_eq!(tally.total(), None, "two acks are still out");
+        acks.pop().unwrap().done(2);
+        drop(acks); // the third shard stopped without answering
+        assert_eq!(tally.total(), Some(7));
     }
 
     #[test]

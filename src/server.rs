@@ -15,8 +15,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::Config;
 use crate::driver::{uring, Runtime};
 use crate::limits::{self, FdLimit};
+use crate::push::Pusher;
 use crate::router::{InboxReceiver, Router, ShardId, ShardMsg};
-use crate::session::frame::{self, Opcode};
 use crate::shard::Shard;
 use crate::stats::{ShardStats, Snapshot};
 
@@ -24,7 +24,7 @@ use crate::stats::{ShardStats, Snapshot};
 pub struct ServerHandle {
     addr: SocketAddr,
     router: Router,
-    stats: Vec<Arc<ShardStats>>,
+    stats: Arc<[Arc<ShardStats>]>,
     threads: Vec<JoinHandle<io::Result<()>>>,
     fd_limit: FdLimit,
 }
@@ -39,36 +39,6 @@ impl ShutdownTrigger {
     /// Every shard stops accepting and closes its connections with 1001.
     pub fn trigger(&self) {
         self.router.send_all(|_| ShardMsg::Shutdown);
-    }
-}
-
-/// Pushes messages into the shards from any thread: the way in for
-/// everything that is not a client connection (the HTTP push API and the
-/// cluster bridge build on it).
-#[derive(Clone)]
-pub struct Pusher {
-    router: Router,
-}
-
-impl Pusher {
-    /// Delivers `text` to every connection of `uid`, as a text message.
-    pub fn push_text(&self, uid: &str, text: &str) {
-        let frame = frame::encode(Opcode::Text, text.as_bytes());
-        let home = self.router.home_of(uid);
-        let uid = Arc::from(uid);
-        let origin = None;
-        let _ = self
-            .router
-            .send(home, ShardMsg::ToUid { uid, frame, origin });
-    }
-
-    /// Delivers `text` to every logged-in connection.
-    pub fn broadcast_text(&self, text: &str) {
-        let frame = frame::encode(Opcode::Text, text.as_bytes());
-        self.router.send_all(|_| ShardMsg::Broadcast {
-            frame: frame.clone(),
-            origin: None,
-        });
     }
 }
 
@@ -118,7 +88,7 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
     let server = ServerHandle {
         addr,
         router,
-        stats,
+        stats: stats.into(),
         threads,
         fd_limit,
     };
@@ -313,9 +283,7 @@ impl ServerHandle {
 
     /// A handle that other threads can use to push messages.
     pub fn pusher(&self) -> Pusher {
-        Pusher {
-            router: self.router.clone(),
-        }
+        Pusher::new(self.router.clone(), self.stats.clone())
     }
 
     /// A handle that other threads can use to stop the server.

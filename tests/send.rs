@@ -6,6 +6,7 @@ mod util;
 use std::time::Duration;
 
 use corepush::stats::Counter;
+use corepush::Kind;
 use tungstenite::Message;
 use util::*;
 
@@ -190,11 +191,11 @@ fn deliveries_cross_shards_and_stay_on_shards() {
     for i in 0..40 {
         assert_eq!(recv_text(&mut clients[(i + 1) % 40]), format!("from {i}"));
     }
-    let s = server.stats();
-    assert_eq!(
-        s.get(Counter::DeliveredSameShard) + s.get(Counter::DeliveredCrossShard),
-        40
-    );
+    // A shard counts its deliveries after its write loop, so the last
+    // message may arrive before its count: wait for the counts.
+    let s = server.wait_for("40 deliveries counted", |s| {
+        s.get(Counter::DeliveredSameShard) + s.get(Counter::DeliveredCrossShard) == 40
+    });
     assert!(s.get(Counter::DeliveredSameShard) > 0, "{s:?}");
     assert!(s.get(Counter::DeliveredCrossShard) > 0, "{s:?}");
     assert!(s.get(Counter::CrossShardSent) > 0, "{s:?}");
@@ -211,19 +212,34 @@ fn a_thread_outside_the_shards_can_push_and_broadcast() {
         .collect();
     let mut other = login(server.addr, "outside-other");
     let pusher = server.handle().pusher();
-    std::thread::spawn(move || {
-        pusher.push_text("outside-target", "from a backend");
-        pusher.push_text("outside-nobody", "lost in space");
-        pusher.broadcast_text("to everyone");
+    let counts = std::thread::spawn(move || {
+        [
+            pusher
+                .push("outside-target", Kind::Text, b"from a backend")
+                .wait(),
+            pusher
+                .push("outside-nobody", Kind::Text, b"lost in space")
+                .wait(),
+            pusher.broadcast(Kind::Binary, b"to everyone").wait(),
+            pusher.online("outside-target").wait(),
+            pusher.online("outside-nobody").wait(),
+        ]
     })
     .join()
     .unwrap();
+    assert_eq!(
+        counts,
+        [3, 0, 4, 3, 0],
+        "push, offline push, broadcast, online x2"
+    );
     for tab in &mut tabs {
         assert_eq!(recv_text(tab), "from a backend");
-        assert_eq!(recv_text(tab), "to everyone");
+        assert_eq!(recv(tab), Message::binary(b"to everyone".to_vec()));
     }
-    assert_eq!(recv_text(&mut other), "to everyone", "not the targeted one");
-    let s = server.wait_for("unknown uid counted", |s| s.get(Counter::NoRecipient) == 1);
+    assert_eq!(recv(&mut other), Message::binary(b"to everyone".to_vec()));
+    // The counts are reported after the shards counted: no wait needed.
+    let s = server.stats();
+    assert_eq!(s.get(Counter::NoRecipient), 1);
     assert_eq!(
         s.get(Counter::DeliveredCrossShard),
         3 + 4,

@@ -326,12 +326,24 @@ impl Shard {
             self.stats.inc(Counter::InboxReceived);
             match msg {
                 ShardMsg::Adopt(arrival) => self.adopt(*arrival, now),
-                ShardMsg::ToUid { uid, frame, origin } => {
-                    self.deliver_to_uid(&uid, &frame, origin);
+                ShardMsg::ToUid {
+                    uid,
+                    frame,
+                    origin,
+                    ack,
+                } => {
+                    let delivered = self.deliver_to_uid(&uid, &frame, origin);
+                    if let Some(ack) = ack {
+                        ack.done(delivered);
+                    }
                 }
-                ShardMsg::Broadcast { frame, origin } => {
-                    self.deliver_to_all(&frame, origin);
+                ShardMsg::Broadcast { frame, origin, ack } => {
+                    let delivered = self.deliver_to_all(&frame, origin);
+                    if let Some(ack) = ack {
+                        ack.done(delivered);
+                    }
                 }
+                ShardMsg::Online { uid, ack } => ack.done(self.uids.get(&uid).len() as u64),
                 ShardMsg::Shutdown => self.shut_down(now),
             }
             self.close_troubled(now);
@@ -656,11 +668,13 @@ impl Shard {
             return;
         }
         let uid = Arc::from(uid);
-        if self
-            .router
-            .push(home, ShardMsg::ToUid { uid, frame, origin })
-            .is_ok()
-        {
+        let msg = ShardMsg::ToUid {
+            uid,
+            frame,
+            origin,
+            ack: None,
+        };
+        if self.router.push(home, msg).is_ok() {
             self.stats.inc(Counter::CrossShardSent);
             self.touch(home);
         }
@@ -676,6 +690,7 @@ impl Shard {
             let msg = ShardMsg::Broadcast {
                 frame: frame.clone(),
                 origin,
+                ack: None,
             };
             if self.router.push(to, msg).is_ok() {
                 self.stats.inc(Counter::CrossShardSent);
