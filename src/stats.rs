@@ -30,6 +30,8 @@ pub enum Counter {
     MessagesIn,
     /// Sends answered with `error: ...`.
     SendErrors,
+    /// Sends refused by `--client-sends` (answered with `error: ...`).
+    SendsRefused,
     /// Sends to a uid with no connection anywhere (counted at its home shard).
     NoRecipient,
     Broadcasts,
@@ -38,6 +40,14 @@ pub enum Counter {
     /// Frames handed to a recipient whose sender lives on another shard (or
     /// outside the shards, such as the later HTTP API).
     DeliveredCrossShard,
+    /// Messages written or queued to connections (every recipient counts).
+    MessagesOut,
+    /// Bytes written or queued to connections: messages, replies, control
+    /// frames and HTTP responses.
+    BytesOut,
+    /// Pushes and broadcasts from outside the shards (HTTP API, cluster
+    /// bus) handled by this shard.
+    OutsidePushes,
     /// Messages this shard put on another shard's inbox.
     CrossShardSent,
     /// Messages taken from this shard's inbox.
@@ -53,7 +63,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 22] = [
+    pub const ALL: [Counter; 26] = [
         Counter::Connections,
         Counter::LoggedIn,
         Counter::LocalUids,
@@ -66,10 +76,14 @@ impl Counter {
         Counter::LoginRefused,
         Counter::MessagesIn,
         Counter::SendErrors,
+        Counter::SendsRefused,
         Counter::NoRecipient,
         Counter::Broadcasts,
         Counter::DeliveredSameShard,
         Counter::DeliveredCrossShard,
+        Counter::MessagesOut,
+        Counter::BytesOut,
+        Counter::OutsidePushes,
         Counter::CrossShardSent,
         Counter::InboxReceived,
         Counter::SlowConsumers,
@@ -93,10 +107,14 @@ impl Counter {
             Counter::LoginRefused => "login_refused",
             Counter::MessagesIn => "messages_in",
             Counter::SendErrors => "send_errors",
+            Counter::SendsRefused => "sends_refused",
             Counter::NoRecipient => "no_recipient",
             Counter::Broadcasts => "broadcasts",
             Counter::DeliveredSameShard => "delivered_same_shard",
             Counter::DeliveredCrossShard => "delivered_cross_shard",
+            Counter::MessagesOut => "messages_out",
+            Counter::BytesOut => "bytes_out",
+            Counter::OutsidePushes => "outside_pushes",
             Counter::CrossShardSent => "cross_shard_sent",
             Counter::InboxReceived => "inbox_received",
             Counter::SlowConsumers => "slow_consumers",

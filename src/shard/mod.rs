@@ -29,7 +29,7 @@ use crate::outbox::{Outbox, Wrote};
 use crate::protocol;
 use crate::router::{Arrival, InboxReceiver, Origin, Router, ShardId, ShardMsg};
 use crate::session::frame::{self, Frame, Opcode};
-use crate::session::{Action, CloseReason, Limits, Phase, Session};
+use crate::session::{Action, CloseReason, Phase, Rules, Session};
 use crate::stats::{Counter, ShardStats};
 use slab::{Key, Slab};
 use uid_table::UidTable;
@@ -90,7 +90,9 @@ pub struct Conn {
 pub struct Shard {
     pub id: ShardId,
     pub stats: Arc<ShardStats>,
-    limits: Limits,
+    /// What every session obeys (shared with the shard's other threads'
+    /// shards; cloned, not copied, into each call).
+    rules: Arc<Rules>,
     /// Bytes that may wait in user space for one connection.
     max_outbound_bytes: usize,
     router: Router,
@@ -123,7 +125,7 @@ impl Shard {
     pub fn new(
         inbox: InboxReceiver,
         router: Router,
-        limits: Limits,
+        rules: Arc<Rules>,
         max_outbound_bytes: usize,
         stats: Arc<ShardStats>,
     ) -> Shard {
@@ -131,7 +133,7 @@ impl Shard {
         Shard {
             id: inbox.id(),
             stats,
-            limits,
+            rules,
             max_outbound_bytes,
             router,
             inbox,
@@ -158,8 +160,8 @@ impl Shard {
         &self.inbox
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    pub fn rules(&self) -> &Rules {
+        &self.rules
     }
 
     /// Connections held, in any phase.
@@ -214,7 +216,7 @@ impl Shard {
         self.stats.inc(Counter::Connections);
         Some(self.conns.insert(Conn {
             fd,
-            session: Session::new(now, &self.limits),
+            session: Session::new(now, &self.rules),
             out: Outbox::default(),
             uid: None,
             registered: false,
@@ -229,22 +231,22 @@ impl Shard {
     /// Bytes read from a connection's socket, in a buffer the session may
     /// change in place.
     pub fn on_bytes(&mut self, key: Key, now: u64, data: &mut [u8]) {
-        let limits = self.limits;
+        let rules = self.rules.clone();
         self.with_session(key, now, |session, mut out| {
-            session.on_bytes(now, &limits, data, &mut out);
+            session.on_bytes(now, &rules, data, &mut out);
         });
     }
 
     /// The client shut its side (end of stream).
     pub fn on_eof(&mut self, key: Key, now: u64) {
-        let limits = self.limits;
-        self.with_session(key, now, |session, _| session.on_eof(now, &limits));
+        let rules = self.rules.clone();
+        self.with_session(key, now, |session, _| session.on_eof(now, &rules));
     }
 
     /// Reading the socket failed: the connection is gone.
     pub fn on_error(&mut self, key: Key, now: u64) {
-        let limits = self.limits;
-        self.with_session(key, now, |session, _| session.abort(now, &limits));
+        let rules = self.rules.clone();
+        self.with_session(key, now, |session, _| session.abort(now, &rules));
     }
 
     /// The socket a write watch was asked for has room (or failed).
@@ -254,8 +256,8 @@ impl Shard {
         };
         conn.watching = false;
         if conn.out.flush(conn.fd.as_raw_fd()).is_err() {
-            let limits = self.limits;
-            self.with_session(key, now, |session, _| session.abort(now, &limits));
+            let rules = self.rules.clone();
+            self.with_session(key, now, |session, _| session.abort(now, &rules));
             return;
         }
         self.settle(key);
@@ -356,17 +358,17 @@ impl Shard {
     pub fn sweep(&mut self, now: u64) {
         self.conns.shrink_if_sparse();
         self.uids.shrink_if_sparse();
-        let limits = self.limits;
+        let rules = self.rules.clone();
         let mut due = std::mem::take(&mut self.due);
         due.extend(
             self.conns
                 .iter_mut()
-                .filter(|(_, conn)| conn.session.poll_at(&limits) <= now)
+                .filter(|(_, conn)| conn.session.poll_at(&rules) <= now)
                 .map(|(key, _)| key),
         );
         for &key in &due {
             self.with_session(key, now, |session, mut out| {
-                session.on_timer(now, &limits, &mut out)
+                session.on_timer(now, &rules, &mut out)
             });
         }
         due.clear();
@@ -408,8 +410,8 @@ impl Shard {
         f(&mut session, &mut |action| self.act(key, action));
         if session.phase() == Phase::LoggingIn && self.is_registered(key) {
             // Logged in here: bytes kept behind the login are handled now.
-            let limits = self.limits;
-            session.open(now, &limits, &mut |action| self.act(key, action));
+            let rules = self.rules.clone();
+            session.open(now, &rules, &mut |action| self.act(key, action));
         }
         if let Some(conn) = self.conns.get_mut(key) {
             conn.session = session;
@@ -487,9 +489,9 @@ impl Shard {
 
     /// Closes a connection's session for a reason of the shard's.
     fn close_session(&mut self, key: Key, reason: CloseReason, now: u64) {
-        let limits = self.limits;
+        let rules = self.rules.clone();
         self.with_session(key, now, |session, mut out| {
-            session.close(reason, now, &limits, &mut out)
+            session.close(reason, now, &rules, &mut out)
         });
     }
 
@@ -503,10 +505,10 @@ impl Shard {
             let (slow, broken) = (conn.slow, conn.broken);
             conn.slow = false;
             conn.broken = false;
-            let limits = self.limits;
+            let rules = self.rules.clone();
             if broken {
                 conn.out = Outbox::default();
-                self.with_session(key, now, |session, _| session.abort(now, &limits));
+                self.with_session(key, now, |session, _| session.abort(now, &rules));
             } else if slow && conn.session.phase() == Phase::Open {
                 // Drop what waits (keeping a half-written frame whole) so
                 // the close frame follows at once.
@@ -605,9 +607,9 @@ impl Shard {
             broken: false,
         });
         self.register(key, &uid);
-        let limits = self.limits;
+        let rules = self.rules.clone();
         self.with_session(key, now, |session, mut out| {
-            session.open(now, &limits, &mut out)
+            session.open(now, &rules, &mut out)
         });
         key
     }
@@ -635,6 +637,7 @@ impl Shard {
         {
             Wrote::Ok => {}
             Wrote::OverLimit => {
+                self.stats.add(Counter::BytesOut, frame.len() as u64);
                 if !conn.slow && !conn.broken {
                     self.troubled.push(key);
                 }
@@ -744,6 +747,10 @@ impl Shard {
             Counter::DeliveredCrossShard
         };
         self.stats.add(counter, delivered);
+        self.stats.add(Counter::MessagesOut, delivered);
+        if origin.is_none() {
+            self.stats.inc(Counter::OutsidePushes);
+        }
         delivered
     }
 }
