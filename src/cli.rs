@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use corepush::driver::{Runtime, UringFeatures};
+use corepush::protocol::ClientSends;
 use corepush::Config;
 
 /// corepush: a WebSocket push server. Clients log in with a uid, then send
@@ -64,6 +65,19 @@ pub struct Cli {
     #[arg(long, value_parser = parse_ms, default_value = "2000")]
     pub close_timeout_ms: Duration,
 
+    /// Require signed logins: the first message must be a JWT signed with
+    /// HS256 and this secret, whose `sub` is the uid and whose `exp` has not
+    /// passed. Without it the first message is the uid itself, which anyone
+    /// can claim: for trusted networks only.
+    #[arg(long, env = "COREPUSH_LOGIN_SECRET", hide_env_values = true)]
+    pub login_secret: Option<String>,
+
+    /// What a logged-in client may send: `any` (`<uid>:` and `all:`),
+    /// `targeted` (`<uid>:` only), or `none` (receive only; pushes come
+    /// through the HTTP API). Refusals get an `error: ...` reply.
+    #[arg(long, value_enum, default_value_t = ClientSendsArg::Any)]
+    pub client_sends: ClientSendsArg,
+
     /// The event loop that runs the shards: corepush's own loop on io_uring,
     /// or the glommio runtime (kept for comparison, see docs/decisions.md).
     #[arg(long, value_enum, default_value_t = RuntimeArg::Uring)]
@@ -84,6 +98,13 @@ pub struct Cli {
 pub enum RuntimeArg {
     Uring,
     Glommio,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientSendsArg {
+    Any,
+    Targeted,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -125,6 +146,12 @@ impl Cli {
             ping_interval: self.ping_interval_ms,
             idle_timeout: self.idle_timeout_ms,
             close_timeout: self.close_timeout_ms,
+            login_secret: self.login_secret,
+            client_sends: match self.client_sends {
+                ClientSendsArg::Any => ClientSends::Any,
+                ClientSendsArg::Targeted => ClientSends::Targeted,
+                ClientSendsArg::None => ClientSends::None,
+            },
             runtime: match self.runtime {
                 RuntimeArg::Uring => Runtime::Uring,
                 RuntimeArg::Glommio => Runtime::Glommio,

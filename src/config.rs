@@ -5,8 +5,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::auth::Login;
 use crate::driver::{DriverOptions, Runtime, UringFeatures};
-use crate::session::Limits;
+use crate::protocol::ClientSends;
+use crate::session::{Limits, Rules};
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -33,6 +35,11 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long the server waits for the client once its close is out.
     pub close_timeout: Duration,
+    /// When set, a login must be an HS256 JWT signed with this secret whose
+    /// `sub` is the uid; otherwise the uid itself (trusted networks only).
+    pub login_secret: Option<String>,
+    /// What a logged-in client may send.
+    pub client_sends: ClientSends,
     /// The event loop that runs the shards.
     pub runtime: Runtime,
     /// Spin this long for new work before a shard sleeps (0: never spin).
@@ -56,6 +63,8 @@ impl Default for Config {
             ping_interval: Duration::from_millis(limits.ping_interval_ms),
             idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
             close_timeout: Duration::from_millis(limits.close_timeout_ms),
+            login_secret: None,
+            client_sends: ClientSends::Any,
             runtime: Runtime::Uring,
             idle_poll: Duration::ZERO,
             uring: UringFeatures::default(),
@@ -101,6 +110,19 @@ impl Config {
             idle_timeout_ms: ms(self.idle_timeout),
             close_timeout_ms: ms(self.close_timeout),
         }
+    }
+
+    /// What every session obeys. Fails on an empty login secret.
+    pub fn rules(&self) -> Result<Rules, String> {
+        let login = match &self.login_secret {
+            Some(secret) => Login::token(secret.as_bytes())?,
+            None => Login::Uid,
+        };
+        Ok(Rules {
+            limits: self.limits(),
+            login,
+            client_sends: self.client_sends,
+        })
     }
 
     /// How each shard's driver runs.

@@ -24,7 +24,9 @@
 //!   the time in, actions out. Below it, [`session::handshake`] (the HTTP
 //!   upgrade) and [`session::frame`] (RFC 6455 framing, shared server
 //!   frames).
-//! - [`protocol`]: the corepush messages: login uid, `<to>:<payload>`.
+//! - [`protocol`]: the corepush messages: login uid, `<to>:<payload>`, and
+//!   what a client may send. [`auth`]: what a login must be (the uid, or a
+//!   signed token naming it).
 //! - [`outbox`]: a connection's way out: straight to the socket while it
 //!   has room, shared frames queued while it is full.
 //! - [`router`]: the home shard of a uid, and the inboxes between shards
@@ -33,6 +35,7 @@
 //! - [`stats`]: per-shard counters. [`config`], [`limits`]: settings and
 //!   the open-file limit.
 
+pub mod auth;
 pub mod config;
 pub mod driver;
 pub mod limits;

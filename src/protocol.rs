@@ -109,6 +109,30 @@ fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
     haystack.iter().position(|&b| b == needle)
 }
 
+/// What a logged-in client may send (`--client-sends`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientSends {
+    /// `<uid>:` and `all:`, as in the example corepush comes from.
+    Any,
+    /// `<uid>:` only: broadcasts come from the server side (the API).
+    Targeted,
+    /// Nothing: clients only receive; every push comes through the API.
+    None,
+}
+
+impl ClientSends {
+    /// The reply refusing `send`, or None when it is allowed.
+    pub fn refuses(self, send: &Send<'_>) -> Option<String> {
+        match (self, send) {
+            (ClientSends::Any, _) | (ClientSends::Targeted, Send::ToUid { .. }) => None,
+            (ClientSends::Targeted, Send::ToAll { .. }) => {
+                Some("error: clients may not send to all on this server".into())
+            }
+            (ClientSends::None, _) => Some("error: clients may not send on this server".into()),
+        }
+    }
+}
+
 /// The reply to a successful login, as the seed example words it.
 pub fn login_reply(uid: &str) -> String {
     format!("login success, your uid is {uid}")
@@ -161,6 +185,27 @@ mod tests {
             parse_send(b"a\tb:x"),
             Err(SendError::BadRecipient(UidError::HasControl))
         );
+    }
+
+    #[test]
+    fn what_clients_may_send() {
+        let to_bob = Send::ToUid {
+            uid: "bob",
+            payload: b"x",
+        };
+        let to_all = Send::ToAll { payload: b"x" };
+        assert_eq!(ClientSends::Any.refuses(&to_bob), None);
+        assert_eq!(ClientSends::Any.refuses(&to_all), None);
+        assert_eq!(ClientSends::Targeted.refuses(&to_bob), None);
+        assert!(ClientSends::Targeted
+            .refuses(&to_all)
+            .unwrap()
+            .starts_with("error: "));
+        assert!(ClientSends::None
+            .refuses(&to_bob)
+            .unwrap()
+            .starts_with("error: "));
+        assert!(ClientSends::None.refuses(&to_all).is_some());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::driver::{uring, Runtime};
 use crate::limits::{self, FdLimit};
 use crate::push::Pusher;
 use crate::router::{InboxReceiver, Router, ShardId, ShardMsg};
+use crate::session::Rules;
 use crate::shard::Shard;
 use crate::stats::{ShardStats, Snapshot};
 
@@ -54,6 +55,11 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
             "too many shards",
         ));
     }
+    let rules = Arc::new(
+        config
+            .rules()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+    );
     let listeners = listen_all(config.listen, config.backlog, shards)?;
     let addr = listeners[0]
         .local_addr()?
@@ -72,6 +78,7 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
         let cpu = (!config.no_pin).then(|| cpus[i % cpus.len()]);
         let shard = ShardStart {
             config: config.clone(),
+            rules: rules.clone(),
             router: router.clone(),
             inbox,
             stats: shard_stats,
@@ -109,6 +116,7 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
 /// What a shard's thread needs.
 struct ShardStart {
     config: Config,
+    rules: Arc<Rules>,
     router: Router,
     inbox: InboxReceiver,
     stats: Arc<ShardStats>,
@@ -126,7 +134,7 @@ impl ShardStart {
         let shard = Shard::new(
             self.inbox,
             self.router,
-            self.config.limits(),
+            self.rules,
             self.config.max_outbound_bytes,
             self.stats,
         );

@@ -31,7 +31,8 @@
 pub mod frame;
 pub mod handshake;
 
-use crate::protocol::{self, Send};
+use crate::auth::Login;
+use crate::protocol::{self, ClientSends, Send};
 use crate::stats::Counter;
 use frame::{close_code, ClosePayload, Frame, FrameError, Opcode};
 use handshake::Outcome;
@@ -125,6 +126,25 @@ impl Default for Limits {
     }
 }
 
+/// Everything a session obeys: its limits, what a login must be, and what
+/// a logged-in client may send.
+#[derive(Debug)]
+pub struct Rules {
+    pub limits: Limits,
+    pub login: Login,
+    pub client_sends: ClientSends,
+}
+
+impl Default for Rules {
+    fn default() -> Rules {
+        Rules {
+            limits: Limits::default(),
+            login: Login::Uid,
+            client_sends: ClientSends::Any,
+        }
+    }
+}
+
 /// One connection's protocol state: 32 bytes, plus a [`Partial`] only
 /// while something is incomplete.
 #[derive(Debug)]
@@ -194,11 +214,11 @@ impl Default for Session {
 
 impl Session {
     /// A connection just accepted, at `now`: waiting for its upgrade.
-    pub fn new(now: u64, limits: &Limits) -> Session {
+    pub fn new(now: u64, rules: &Rules) -> Session {
         Session {
             phase: Phase::Handshake,
             ping_sent: false,
-            deadline: now.saturating_add(limits.handshake_timeout_ms),
+            deadline: now.saturating_add(rules.limits.handshake_timeout_ms),
             last_rx: now,
             partial: None,
         }
@@ -214,14 +234,14 @@ impl Session {
     }
 
     /// The only place the phase changes, together with its deadline.
-    fn set_phase(&mut self, phase: Phase, now: u64, limits: &Limits) {
+    fn set_phase(&mut self, phase: Phase, now: u64, rules: &Rules) {
         self.phase = phase;
         self.deadline = match phase {
-            Phase::Handshake => now.saturating_add(limits.handshake_timeout_ms),
-            Phase::Login => now.saturating_add(limits.login_timeout_ms),
+            Phase::Handshake => now.saturating_add(rules.limits.handshake_timeout_ms),
+            Phase::Login => now.saturating_add(rules.limits.login_timeout_ms),
             Phase::LoggingIn => self.deadline, // still the login's
             Phase::Open | Phase::Done => u64::MAX,
-            Phase::Closing | Phase::Draining => now.saturating_add(limits.close_timeout_ms),
+            Phase::Closing | Phase::Draining => now.saturating_add(rules.limits.close_timeout_ms),
         };
         if !matches!(
             phase,
@@ -232,14 +252,14 @@ impl Session {
     }
 
     /// When [`Session::on_timer`] has something to do (shard ms).
-    pub fn poll_at(&self, limits: &Limits) -> u64 {
+    pub fn poll_at(&self, rules: &Rules) -> u64 {
         match self.phase {
             Phase::Open => {
-                let idle = self.last_rx.saturating_add(limits.idle_timeout_ms);
+                let idle = self.last_rx.saturating_add(rules.limits.idle_timeout_ms);
                 if self.ping_sent {
                     idle
                 } else {
-                    idle.min(self.last_rx.saturating_add(limits.ping_interval_ms))
+                    idle.min(self.last_rx.saturating_add(rules.limits.ping_interval_ms))
                 }
             }
             Phase::Done => u64::MAX,
@@ -249,28 +269,28 @@ impl Session {
 
     /// Enforces the deadlines at `now`: handshake (408), login (1008),
     /// idle (1001), the close wait; and pings a silent open connection.
-    pub fn on_timer(&mut self, now: u64, limits: &Limits, out: &mut impl FnMut(Action<'_>)) {
-        if now < self.poll_at(limits) {
+    pub fn on_timer(&mut self, now: u64, rules: &Rules, out: &mut impl FnMut(Action<'_>)) {
+        if now < self.poll_at(rules) {
             return;
         }
         match self.phase {
             Phase::Handshake => {
                 out(Action::Count(Counter::Timeouts));
-                self.reject_http(now, limits, http_status(408, "Request Timeout"), out);
+                self.reject_http(now, rules, http_status(408, "Request Timeout"), out);
             }
             Phase::Login | Phase::LoggingIn => {
                 out(Action::Count(Counter::Timeouts));
-                self.close_with(now, limits, close_code::POLICY, "login timeout", out);
+                self.close_with(now, rules, close_code::POLICY, "login timeout", out);
             }
-            Phase::Open if now.saturating_sub(self.last_rx) >= limits.idle_timeout_ms => {
+            Phase::Open if now.saturating_sub(self.last_rx) >= rules.limits.idle_timeout_ms => {
                 out(Action::Count(Counter::Timeouts));
-                self.close_with(now, limits, close_code::GOING_AWAY, "idle timeout", out);
+                self.close_with(now, rules, close_code::GOING_AWAY, "idle timeout", out);
             }
             Phase::Open => {
                 self.ping_sent = true;
                 out(Action::Ping);
             }
-            Phase::Closing | Phase::Draining => self.set_phase(Phase::Done, now, limits),
+            Phase::Closing | Phase::Draining => self.set_phase(Phase::Done, now, rules),
             Phase::Done => {}
         }
     }
@@ -280,52 +300,52 @@ impl Session {
         &mut self,
         reason: CloseReason,
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         out: &mut impl FnMut(Action<'_>),
     ) {
         match (reason, self.phase) {
             (_, Phase::Closing | Phase::Draining | Phase::Done) => {}
             (CloseReason::Shutdown, Phase::Handshake) => {
                 let response = http_status(503, "Service Unavailable");
-                self.reject_http(now, limits, response, out);
+                self.reject_http(now, rules, response, out);
             }
             (CloseReason::Shutdown, _) => {
                 let reason = "server shutting down";
-                self.close_with(now, limits, close_code::GOING_AWAY, reason, out);
+                self.close_with(now, rules, close_code::GOING_AWAY, reason, out);
             }
             (CloseReason::SlowConsumer, _) => {
                 out(Action::Count(Counter::SlowConsumers));
-                self.close_with(now, limits, close_code::POLICY, "slow consumer", out);
+                self.close_with(now, rules, close_code::POLICY, "slow consumer", out);
             }
         }
     }
 
     /// The client shut its side of the socket (end of stream).
-    pub fn on_eof(&mut self, now: u64, limits: &Limits) {
+    pub fn on_eof(&mut self, now: u64, rules: &Rules) {
         match self.phase {
-            Phase::Open => self.set_phase(Phase::Draining, now, limits),
+            Phase::Open => self.set_phase(Phase::Draining, now, rules),
             Phase::Draining | Phase::Done => {}
-            _ => self.set_phase(Phase::Done, now, limits),
+            _ => self.set_phase(Phase::Done, now, rules),
         }
     }
 
     /// The socket failed: nothing more can be written or read.
-    pub fn abort(&mut self, now: u64, limits: &Limits) {
-        self.set_phase(Phase::Done, now, limits);
+    pub fn abort(&mut self, now: u64, rules: &Rules) {
+        self.set_phase(Phase::Done, now, rules);
     }
 
     /// The shard registered the login (here, or on the home shard after a
     /// move): the session is open, and bytes kept behind the login are
     /// handled now.
-    pub fn open(&mut self, now: u64, limits: &Limits, out: &mut impl FnMut(Action<'_>)) {
+    pub fn open(&mut self, now: u64, rules: &Rules, out: &mut impl FnMut(Action<'_>)) {
         if self.phase != Phase::LoggingIn {
             return;
         }
-        self.set_phase(Phase::Open, now, limits);
+        self.set_phase(Phase::Open, now, rules);
         let kept = self.take_raw();
         if !kept.is_empty() {
             let mut kept = kept;
-            let used = self.parse_frames(now, limits, &mut kept, out);
+            let used = self.parse_frames(now, rules, &mut kept, out);
             self.keep(&kept[used..]);
         }
     }
@@ -335,15 +355,15 @@ impl Session {
     pub fn on_bytes(
         &mut self,
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         data: &mut [u8],
         out: &mut impl FnMut(Action<'_>),
     ) {
         self.last_rx = now;
         self.ping_sent = false;
         match self.phase {
-            Phase::Handshake => self.on_request_bytes(now, limits, data, out),
-            Phase::Login | Phase::Open => self.on_frame_bytes(now, limits, data, out),
+            Phase::Handshake => self.on_request_bytes(now, rules, data, out),
+            Phase::Login | Phase::Open => self.on_frame_bytes(now, rules, data, out),
             Phase::LoggingIn => self.keep(data),
             Phase::Closing | Phase::Draining | Phase::Done => {} // dropped
         }
@@ -385,7 +405,7 @@ impl Session {
     fn on_request_bytes(
         &mut self,
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         data: &mut [u8],
         out: &mut impl FnMut(Action<'_>),
     ) {
@@ -394,7 +414,7 @@ impl Session {
             // The usual case: the whole request in one read, parsed in place.
             match handshake::process(data) {
                 Outcome::Incomplete => self.keep(data),
-                outcome => self.on_handshake(outcome, now, limits, data, out),
+                outcome => self.on_handshake(outcome, now, rules, data, out),
             }
             return;
         }
@@ -402,7 +422,7 @@ impl Session {
         buf.extend_from_slice(data);
         match handshake::process(&buf) {
             Outcome::Incomplete => self.keep(&buf),
-            outcome => self.on_handshake(outcome, now, limits, &mut buf, out),
+            outcome => self.on_handshake(outcome, now, rules, &mut buf, out),
         }
     }
 
@@ -410,7 +430,7 @@ impl Session {
         &mut self,
         outcome: Outcome,
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         request: &mut [u8],
         out: &mut impl FnMut(Action<'_>),
     ) {
@@ -418,15 +438,15 @@ impl Session {
             Outcome::Incomplete => {}
             Outcome::Reject { response, .. } => {
                 out(Action::Count(Counter::HandshakeFailed));
-                self.reject_http(now, limits, response, out);
+                self.reject_http(now, rules, response, out);
             }
             Outcome::Upgrade { response, consumed } => {
                 out(Action::Write(response));
-                self.set_phase(Phase::Login, now, limits);
+                self.set_phase(Phase::Login, now, rules);
                 // Frames pipelined behind the request.
                 let rest = &mut request[consumed..];
                 if !rest.is_empty() {
-                    self.on_frame_bytes(now, limits, rest, out);
+                    self.on_frame_bytes(now, rules, rest, out);
                 }
             }
         }
@@ -437,19 +457,19 @@ impl Session {
     fn on_frame_bytes(
         &mut self,
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         data: &mut [u8],
         out: &mut impl FnMut(Action<'_>),
     ) {
         let kept = self.take_raw();
         if kept.is_empty() {
-            let used = self.parse_frames(now, limits, data, out);
+            let used = self.parse_frames(now, rules, data, out);
             self.keep(&data[used..]);
             return;
         }
         let mut buf = kept;
         buf.extend_from_slice(data);
-        let used = self.parse_frames(now, limits, &mut buf, out);
+        let used = self.parse_frames(now, rules, &mut buf, out);
         self.keep(&buf[used..]);
     }
 
@@ -463,26 +483,26 @@ impl Session {
     fn parse_frames(
         &mut self,
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         buf: &mut [u8],
         out: &mut impl FnMut(Action<'_>),
     ) -> usize {
-        let max = limits.max_message_bytes;
+        let max = rules.limits.max_message_bytes;
         let mut pos = 0;
         while pos < buf.len() && self.reads_frames() {
             if let Some(incoming) = self.partial.as_ref().and_then(|p| p.frame) {
-                pos += self.continue_payload(incoming, now, limits, &mut buf[pos..], out);
+                pos += self.continue_payload(incoming, now, rules, &mut buf[pos..], out);
                 continue;
             }
             let header = match frame::parse_header(&buf[pos..], max) {
                 Ok(Some(header)) => header,
                 Ok(None) => break,
                 Err(FrameError::Protocol(reason)) => {
-                    self.fail(now, limits, close_code::PROTOCOL, reason, out);
+                    self.fail(now, rules, close_code::PROTOCOL, reason, out);
                     break;
                 }
                 Err(FrameError::TooBig) => {
-                    self.fail(now, limits, close_code::TOO_BIG, "message too big", out);
+                    self.fail(now, rules, close_code::TOO_BIG, "message too big", out);
                     break;
                 }
             };
@@ -494,7 +514,7 @@ impl Session {
                 let payload = &mut buf[pos + header.header_len..pos + header.frame_len()];
                 frame::unmask(payload, header.mask);
                 pos += header.frame_len();
-                self.on_control(header.opcode, payload, now, limits, out);
+                self.on_control(header.opcode, payload, now, rules, out);
                 continue;
             }
             let assembling = self.partial.as_ref().and_then(|p| p.message_op);
@@ -502,18 +522,18 @@ impl Session {
             match (header.opcode, assembling) {
                 (Opcode::Continuation, None) => {
                     let reason = "continuation without a message";
-                    self.fail(now, limits, close_code::PROTOCOL, reason, out);
+                    self.fail(now, rules, close_code::PROTOCOL, reason, out);
                     break;
                 }
                 (Opcode::Text | Opcode::Binary, Some(_)) => {
                     let reason = "new message inside a fragmented one";
-                    self.fail(now, limits, close_code::PROTOCOL, reason, out);
+                    self.fail(now, rules, close_code::PROTOCOL, reason, out);
                     break;
                 }
                 _ => {}
             }
             if so_far + header.payload_len > max {
-                self.fail(now, limits, close_code::TOO_BIG, "message too big", out);
+                self.fail(now, rules, close_code::TOO_BIG, "message too big", out);
                 break;
             }
             if assembling.is_none() && header.fin && available >= header.frame_len() {
@@ -521,7 +541,7 @@ impl Session {
                 let payload = &mut buf[pos + header.header_len..pos + header.frame_len()];
                 frame::unmask(payload, header.mask);
                 pos += header.frame_len();
-                self.on_message(header.opcode, payload, now, limits, out);
+                self.on_message(header.opcode, payload, now, rules, out);
                 continue;
             }
             // The message is assembled in the partial buffer as it arrives.
@@ -538,7 +558,7 @@ impl Session {
             };
             partial.frame = Some(incoming);
             if header.payload_len == 0 {
-                self.continue_payload(incoming, now, limits, &mut [], out);
+                self.continue_payload(incoming, now, rules, &mut [], out);
             }
         }
         pos
@@ -550,7 +570,7 @@ impl Session {
         &mut self,
         incoming: Incoming,
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         buf: &mut [u8],
         out: &mut impl FnMut(Action<'_>),
     ) -> usize {
@@ -570,14 +590,14 @@ impl Session {
             && !check_utf8(&partial.message, &mut partial.utf8_checked, ends_message)
         {
             let reason = "text message is not valid UTF-8";
-            self.fail(now, limits, close_code::INVALID_DATA, reason, out);
+            self.fail(now, rules, close_code::INVALID_DATA, reason, out);
             return n;
         }
         if ends_message {
             let message = std::mem::take(&mut partial.message);
             let opcode = partial.message_op.take().expect("a message is assembling");
             self.free_if_empty();
-            self.on_message(opcode, &message, now, limits, out);
+            self.on_message(opcode, &message, now, rules, out);
         }
         n
     }
@@ -587,7 +607,7 @@ impl Session {
         opcode: Opcode,
         payload: &[u8],
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         out: &mut impl FnMut(Action<'_>),
     ) {
         match opcode {
@@ -595,13 +615,13 @@ impl Session {
             Opcode::Close => match frame::parse_close(payload) {
                 Ok(ClosePayload::Empty) => {
                     let close = frame::encode(Opcode::Close, &[]);
-                    self.send_close(now, limits, close, out);
+                    self.send_close(now, rules, close, out);
                 }
                 Ok(ClosePayload::Code(code)) => {
                     let close = frame::encode_close(code, "");
-                    self.send_close(now, limits, close, out);
+                    self.send_close(now, rules, close, out);
                 }
-                Err((code, reason)) => self.fail(now, limits, code, reason, out),
+                Err((code, reason)) => self.fail(now, rules, code, reason, out),
             },
             _ => {} // Pong: its arrival already counted as activity
         }
@@ -613,40 +633,53 @@ impl Session {
         opcode: Opcode,
         payload: &[u8],
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         out: &mut impl FnMut(Action<'_>),
     ) {
         if opcode == Opcode::Text && std::str::from_utf8(payload).is_err() {
             let reason = "text message is not valid UTF-8";
-            self.fail(now, limits, close_code::INVALID_DATA, reason, out);
+            self.fail(now, rules, close_code::INVALID_DATA, reason, out);
             return;
         }
         match self.phase {
-            Phase::Login => match protocol::validate_uid(payload) {
+            Phase::Login => match rules.login.check(payload) {
                 Ok(uid) => {
-                    self.set_phase(Phase::LoggingIn, now, limits);
-                    out(Action::Login(uid));
+                    self.set_phase(Phase::LoggingIn, now, rules);
+                    out(Action::Login(&uid));
                 }
                 Err(e) => {
                     out(Action::Count(Counter::LoginRefused));
-                    self.close_with(now, limits, close_code::POLICY, &e.to_string(), out);
+                    self.close_with(now, rules, close_code::POLICY, &e.to_string(), out);
                 }
             },
             Phase::Open => {
                 out(Action::Count(Counter::MessagesIn));
-                match protocol::parse_send(payload) {
-                    Ok(Send::ToUid { uid, payload }) => out(Action::ToUid {
-                        uid,
-                        opcode,
-                        payload,
-                    }),
-                    Ok(Send::ToAll { payload }) => out(Action::ToAll { opcode, payload }),
-                    Err(e) => {
-                        out(Action::Count(Counter::SendErrors));
-                        let reply = protocol::error_reply(e);
-                        out(Action::Write(frame::encode(Opcode::Text, reply.as_bytes())));
+                let send = protocol::parse_send(payload);
+                let refused = send
+                    .as_ref()
+                    .ok()
+                    .and_then(|send| rules.client_sends.refuses(send));
+                let reply = match (send, refused) {
+                    (Ok(_), Some(refusal)) => {
+                        out(Action::Count(Counter::SendsRefused));
+                        refusal
                     }
-                }
+                    (Ok(Send::ToUid { uid, payload }), None) => {
+                        return out(Action::ToUid {
+                            uid,
+                            opcode,
+                            payload,
+                        })
+                    }
+                    (Ok(Send::ToAll { payload }), None) => {
+                        return out(Action::ToAll { opcode, payload })
+                    }
+                    (Err(e), _) => {
+                        out(Action::Count(Counter::SendErrors));
+                        protocol::error_reply(e)
+                    }
+                };
+                out(Action::Write(frame::encode(Opcode::Text, reply.as_bytes())));
             }
             _ => {}
         }
@@ -658,34 +691,34 @@ impl Session {
     fn fail(
         &mut self,
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         code: u16,
         reason: &str,
         out: &mut impl FnMut(Action<'_>),
     ) {
         out(Action::Count(Counter::ProtocolErrors));
-        self.close_with(now, limits, code, reason, out);
+        self.close_with(now, rules, code, reason, out);
     }
 
     fn close_with(
         &mut self,
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         code: u16,
         reason: &str,
         out: &mut impl FnMut(Action<'_>),
     ) {
-        self.send_close(now, limits, frame::encode_close(code, reason), out);
+        self.send_close(now, rules, frame::encode_close(code, reason), out);
     }
 
     fn send_close(
         &mut self,
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         close: Frame,
         out: &mut impl FnMut(Action<'_>),
     ) {
-        self.set_phase(Phase::Closing, now, limits);
+        self.set_phase(Phase::Closing, now, rules);
         out(Action::Write(close));
     }
 
@@ -693,11 +726,11 @@ impl Session {
     fn reject_http(
         &mut self,
         now: u64,
-        limits: &Limits,
+        rules: &Rules,
         response: Frame,
         out: &mut impl FnMut(Action<'_>),
     ) {
-        self.set_phase(Phase::Closing, now, limits);
+        self.set_phase(Phase::Closing, now, rules);
         out(Action::Write(response));
     }
 }

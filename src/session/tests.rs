@@ -1,6 +1,7 @@
 //! The session driven with made-up bytes and times: no socket anywhere.
 
 use super::*;
+use crate::protocol::ClientSends;
 use proptest::prelude::*;
 
 /// An action with its borrowed parts copied, so tests can collect them.
@@ -69,14 +70,14 @@ fn run(bytes: &[u8]) -> (Session, Vec<Did>) {
 }
 
 fn run_pieces(pieces: &[&[u8]]) -> (Session, Vec<Did>) {
-    let limits = Limits::default();
-    let mut session = Session::new(0, &limits);
+    let rules = Rules::default();
+    let mut session = Session::new(0, &rules);
     let mut did = Vec::new();
     for piece in pieces {
         let mut buf = piece.to_vec();
-        session.on_bytes(0, &limits, &mut buf, &mut record(&mut did));
+        session.on_bytes(0, &rules, &mut buf, &mut record(&mut did));
         if session.phase() == Phase::LoggingIn {
-            session.open(0, &limits, &mut record(&mut did));
+            session.open(0, &rules, &mut record(&mut did));
         }
     }
     (session, did)
@@ -139,24 +140,24 @@ fn upgrade_login_and_sends_in_one_read() {
 
 #[test]
 fn a_login_waits_for_the_shard_and_keeps_what_follows() {
-    let limits = Limits::default();
-    let mut session = Session::new(0, &limits);
+    let rules = Rules::default();
+    let mut session = Session::new(0, &rules);
     let mut bytes = upgraded_and_logged_in("carol");
     bytes.extend(text("carol:first"));
     let mut did = Vec::new();
-    session.on_bytes(0, &limits, &mut bytes, &mut record(&mut did));
+    session.on_bytes(0, &rules, &mut bytes, &mut record(&mut did));
     assert_eq!(session.phase(), Phase::LoggingIn);
     assert_eq!(did.last(), Some(&Did::Login("carol".into())));
     // More bytes while the shard decides (or while the session moves).
     let mut more = text("carol:second");
-    session.on_bytes(0, &limits, &mut more, &mut record(&mut did));
+    session.on_bytes(0, &rules, &mut more, &mut record(&mut did));
     let before = did.len();
     assert!(session.buffered_bytes() > 0);
 
     // Moved whole to another shard, which opens it.
     let mut moved = std::mem::take(&mut session);
     assert_eq!(session.phase(), Phase::Done);
-    moved.open(5, &limits, &mut record(&mut did));
+    moved.open(5, &rules, &mut record(&mut did));
     assert_eq!(moved.phase(), Phase::Open);
     assert_eq!(
         did[before..],
@@ -278,13 +279,13 @@ fn framing_errors_close_with_their_codes() {
 
 #[test]
 fn the_close_handshake() {
-    let limits = Limits::default();
+    let rules = Rules::default();
     let mut bytes = upgraded_and_logged_in("u");
     bytes.extend(client_frame(true, 8, &1000u16.to_be_bytes()));
     let (mut session, did) = run(&bytes);
     assert_eq!(session.phase(), Phase::Closing);
     assert_eq!(close_of(&did), Some((1000, String::new())));
-    session.on_eof(1, &limits);
+    session.on_eof(1, &rules);
     assert_eq!(session.phase(), Phase::Done);
 
     // An empty close is answered with an empty close.
@@ -296,75 +297,71 @@ fn the_close_handshake() {
 
 #[test]
 fn deadlines_and_pings() {
-    let limits = Limits::default();
+    let rules = Rules::default();
     let mut did = Vec::new();
 
-    let mut session = Session::new(0, &limits);
-    assert_eq!(session.poll_at(&limits), 10_000);
-    session.on_timer(9_999, &limits, &mut record(&mut did));
+    let mut session = Session::new(0, &rules);
+    assert_eq!(session.poll_at(&rules), 10_000);
+    session.on_timer(9_999, &rules, &mut record(&mut did));
     assert!(did.is_empty(), "nothing before the deadline");
-    session.on_timer(10_000, &limits, &mut record(&mut did));
+    session.on_timer(10_000, &rules, &mut record(&mut did));
     assert!(writes(&did)[0].starts_with(b"HTTP/1.1 408"));
     assert_eq!(session.phase(), Phase::Closing);
-    session.on_timer(12_000, &limits, &mut record(&mut did));
+    session.on_timer(12_000, &rules, &mut record(&mut did));
     assert_eq!(session.phase(), Phase::Done, "the close wait ends");
 
-    let mut session = Session::new(0, &limits);
-    session.on_bytes(100, &limits, &mut UPGRADE.to_vec(), &mut record(&mut did));
-    assert_eq!(session.poll_at(&limits), 10_100, "the login deadline");
+    let mut session = Session::new(0, &rules);
+    session.on_bytes(100, &rules, &mut UPGRADE.to_vec(), &mut record(&mut did));
+    assert_eq!(session.poll_at(&rules), 10_100, "the login deadline");
     did.clear();
-    session.on_timer(10_100, &limits, &mut record(&mut did));
+    session.on_timer(10_100, &rules, &mut record(&mut did));
     assert_eq!(close_of(&did), Some((1008, "login timeout".into())));
 
     let (mut session, _) = run(&upgraded_and_logged_in("u"));
     did.clear();
-    assert_eq!(session.poll_at(&limits), 25_000);
-    session.on_timer(25_000, &limits, &mut record(&mut did));
+    assert_eq!(session.poll_at(&rules), 25_000);
+    session.on_timer(25_000, &rules, &mut record(&mut did));
     assert_eq!(did, [Did::Ping]);
-    assert_eq!(
-        session.poll_at(&limits),
-        60_000,
-        "pinged: the idle deadline"
-    );
+    assert_eq!(session.poll_at(&rules), 60_000, "pinged: the idle deadline");
     session.on_bytes(
         30_000,
-        &limits,
+        &rules,
         &mut client_frame(true, 10, b""),
         &mut record(&mut did),
     );
-    assert_eq!(session.poll_at(&limits), 55_000, "a pong resets the clock");
+    assert_eq!(session.poll_at(&rules), 55_000, "a pong resets the clock");
     did.clear();
-    session.on_timer(90_000, &limits, &mut record(&mut did));
+    session.on_timer(90_000, &rules, &mut record(&mut did));
     assert_eq!(close_of(&did), Some((1001, "idle timeout".into())));
 }
 
 #[test]
 fn the_shard_closes_sessions() {
-    let limits = Limits::default();
+    let rules = Rules::default();
     let mut did = Vec::new();
-    let mut session = Session::new(0, &limits);
-    session.close(CloseReason::Shutdown, 0, &limits, &mut record(&mut did));
+    let mut session = Session::new(0, &rules);
+    session.close(CloseReason::Shutdown, 0, &rules, &mut record(&mut did));
     assert!(writes(&did)[0].starts_with(b"HTTP/1.1 503"));
 
     let (mut session, _) = run(&upgraded_and_logged_in("u"));
     did.clear();
-    session.close(CloseReason::SlowConsumer, 0, &limits, &mut record(&mut did));
+    session.close(CloseReason::SlowConsumer, 0, &rules, &mut record(&mut did));
     assert_eq!(close_of(&did), Some((1008, "slow consumer".into())));
     assert!(did.contains(&Did::Count(Counter::SlowConsumers)));
     did.clear();
-    session.close(CloseReason::Shutdown, 0, &limits, &mut record(&mut did));
+    session.close(CloseReason::Shutdown, 0, &rules, &mut record(&mut did));
     assert!(did.is_empty(), "closing once is enough");
 }
 
 #[test]
 fn end_of_stream_drains_an_open_session_and_ends_the_others() {
-    let limits = Limits::default();
+    let rules = Rules::default();
     let (mut session, _) = run(&upgraded_and_logged_in("u"));
-    session.on_eof(7, &limits);
+    session.on_eof(7, &rules);
     assert_eq!(session.phase(), Phase::Draining);
-    assert_eq!(session.poll_at(&limits), 7 + limits.close_timeout_ms);
-    let mut session = Session::new(0, &limits);
-    session.on_eof(0, &limits);
+    assert_eq!(session.poll_at(&rules), 7 + rules.limits.close_timeout_ms);
+    let mut session = Session::new(0, &rules);
+    session.on_eof(0, &rules);
     assert_eq!(session.phase(), Phase::Done);
 }
 
@@ -427,19 +424,102 @@ proptest! {
         prefix in prop_oneof![Just(Vec::new()), Just(UPGRADE.to_vec()), Just(upgraded_and_logged_in("x"))],
         pieces in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 0..10),
     ) {
-        let limits = Limits { max_message_bytes: 1024, ..Limits::default() };
-        let mut session = Session::new(0, &limits);
+        let rules = Rules {
+            limits: Limits { max_message_bytes: 1024, ..Limits::default() },
+            ..Rules::default()
+        };
+        let mut session = Session::new(0, &rules);
         let mut did = Vec::new();
         let mut all = vec![prefix];
         all.extend(pieces);
         for (t, piece) in all.iter().enumerate() {
             let mut buf = piece.clone();
-            session.on_bytes(t as u64, &limits, &mut buf, &mut record(&mut did));
+            session.on_bytes(t as u64, &rules, &mut buf, &mut record(&mut did));
             if session.phase() == Phase::LoggingIn {
-                session.open(t as u64, &limits, &mut record(&mut did));
+                session.open(t as u64, &rules, &mut record(&mut did));
             }
-            session.on_timer(t as u64 * 5_000, &limits, &mut record(&mut did));
+            session.on_timer(t as u64 * 5_000, &rules, &mut record(&mut did));
             prop_assert!(session.buffered_bytes() <= 64 * 1024);
         }
     }
+}
+
+#[test]
+fn what_a_client_may_send_follows_the_rules() {
+    let send_both = |client_sends| {
+        let rules = Rules {
+            client_sends,
+            ..Rules::default()
+        };
+        let mut session = Session::new(0, &rules);
+        let mut did = Vec::new();
+        let mut bytes = upgraded_and_logged_in("me");
+        bytes.extend(text("bob:hi"));
+        bytes.extend(text("all:hi"));
+        session.on_bytes(0, &rules, &mut bytes, &mut record(&mut did));
+        session.open(0, &rules, &mut record(&mut did));
+        did
+    };
+    let refused = |did: &[Did]| {
+        did.iter()
+            .filter(|d| **d == Did::Count(Counter::SendsRefused))
+            .count()
+    };
+    let did = send_both(ClientSends::Any);
+    assert_eq!(refused(&did), 0);
+    assert!(did.contains(&Did::ToAll(Opcode::Text, b"hi".to_vec())));
+
+    let did = send_both(ClientSends::Targeted);
+    assert_eq!(refused(&did), 1);
+    assert!(did.contains(&Did::ToUid("bob".into(), Opcode::Text, b"hi".to_vec())));
+    assert!(!did.iter().any(|d| matches!(d, Did::ToAll(..))));
+    let reply = frame::encode(
+        Opcode::Text,
+        b"error: clients may not send to all on this server",
+    );
+    assert!(did.contains(&Did::Write(reply.to_vec())));
+
+    let did = send_both(ClientSends::None);
+    assert_eq!(refused(&did), 2);
+    assert!(!did
+        .iter()
+        .any(|d| matches!(d, Did::ToAll(..) | Did::ToUid(..))));
+}
+
+#[test]
+fn a_token_login_names_the_uid_or_closes_with_1008() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let rules = Rules {
+        login: crate::auth::Login::token(b"k").unwrap(),
+        ..Rules::default()
+    };
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let claims = serde_json::json!({ "sub": "alice", "exp": exp });
+    let token = encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(b"k").unwrap(),
+    )
+    .unwrap();
+
+    let mut session = Session::new(0, &rules);
+    let mut did = Vec::new();
+    let mut bytes = upgraded_and_logged_in(&token);
+    session.on_bytes(0, &rules, &mut bytes, &mut record(&mut did));
+    assert_eq!(did.last(), Some(&Did::Login("alice".into())));
+
+    let mut session = Session::new(0, &rules);
+    let mut did = Vec::new();
+    let mut bytes = upgraded_and_logged_in("alice");
+    session.on_bytes(0, &rules, &mut bytes, &mut record(&mut did));
+    assert_eq!(session.phase(), Phase::Closing);
+    assert_eq!(
+        close_of(&did),
+        Some((1008, "invalid login token: malformed".into()))
+    );
+    assert!(did.contains(&Did::Count(Counter::LoginRefused)));
 }

@@ -92,10 +92,16 @@ impl TestServer {
 
     /// Checks the server still serves: two fresh clients exchange a message.
     pub fn assert_serving(&self) {
+        self.assert_serving_with(|uid| uid.to_string());
+    }
+
+    /// Same, logging in with what `credential` makes of each uid (a token
+    /// on a server with signed logins).
+    pub fn assert_serving_with(&self, credential: impl Fn(&str) -> String) {
         let uid_a = format!("probe-a-{}", unique());
         let uid_b = format!("probe-b-{}", unique());
-        let mut a = login(self.addr, &uid_a);
-        let mut b = login(self.addr, &uid_b);
+        let mut a = login_as(self.addr, &credential(&uid_a), &uid_a);
+        let mut b = login_as(self.addr, &credential(&uid_b), &uid_b);
         send_text(&mut a, &format!("{uid_b}:still here"));
         assert_eq!(recv_text(&mut b), "still here");
         close(a);
@@ -137,8 +143,14 @@ pub fn connect(addr: SocketAddr) -> Ws {
 
 /// A WebSocket client logged in as `uid`.
 pub fn login(addr: SocketAddr, uid: &str) -> Ws {
+    login_as(addr, uid, uid)
+}
+
+/// A WebSocket client that sends `credential` (a uid or a token) and is
+/// logged in as `uid`.
+pub fn login_as(addr: SocketAddr, credential: &str, uid: &str) -> Ws {
     let mut ws = connect(addr);
-    send_text(&mut ws, uid);
+    send_text(&mut ws, credential);
     assert_eq!(
         recv_text(&mut ws),
         format!("login success, your uid is {uid}")
