@@ -9,6 +9,7 @@
 mod calibrate;
 mod conn;
 mod coordinator;
+mod ledger;
 mod proc_stats;
 mod report;
 mod schedule;

@@ -5,6 +5,7 @@
 
 use crate::calibrate::Clients;
 use crate::conn::{Conn, State};
+use crate::ledger::{Ledger, Receipt};
 use crate::report::{hist_to_json, new_hist, record};
 use crate::schedule::{mix, Rng, Schedule};
 use crate::sys::{self, Epoll, EV_ERR, EV_ET, EV_IN, EV_OUT, EV_RDHUP};
@@ -101,20 +102,11 @@ struct TargetedPhase {
     my_sends: Vec<u32>,
     /// Index into my_sends of the next message to send.
     next_send: usize,
-    /// Receive count per message id (only entries for our recipients move).
-    recv: Vec<u8>,
-    /// Steady messages (no churned end) our connections must receive.
-    expected_steady: u64,
-    /// Messages to or from churned connections our connections may receive.
-    expected_churned: u64,
+    /// Exactly-once and order bookkeeping of what our connections receive.
+    ledger: Ledger,
     sent: u64,
     /// Sends skipped because the sender was reconnecting (churn only).
     send_skipped: u64,
-    delivered_steady: u64,
-    delivered_churned: u64,
-    duplicated: u64,
-    misrouted: u64,
-    reordered: u64,
     /// Latency of every delivery (send time in payload to receive time).
     hist: Histogram<u64>,
     /// (close time, local index) of our churned connections, sorted.
@@ -507,7 +499,7 @@ impl Worker {
             );
         } else if let Some(t) = self.targeted.as_ref().filter(|t| !t.done_sent) {
             emit(json!({"ev": "progress", "phase": t.label, "done": t.sent,
-                "failed": t.delivered_steady + t.delivered_churned}));
+                "failed": t.ledger.counts().delivered()}));
         } else if let Some(t) = self.teardown.as_ref().filter(|t| !t.reported) {
             emit(
                 json!({"ev": "progress", "phase": "teardown", "done": t.clean + t.unclean, "failed": t.unclean}),
@@ -919,33 +911,11 @@ impl Worker {
             return;
         };
         let Some((j, s, ts)) = parse_payload(payload, b't') else {
-            t.misrouted += 1;
+            t.ledger.garbled();
             return;
         };
-        if j as usize >= t.recv.len() {
-            t.misrouted += 1;
-            return;
-        }
-        let ju = j as usize;
-        if t.sched.recipient[ju] != g || u64::from(t.sched.sender[ju]) != s {
-            t.misrouted += 1;
-            return;
-        }
-        if t.recv[ju] > 0 {
-            t.duplicated += 1;
-            t.recv[ju] = t.recv[ju].saturating_add(1);
-            return;
-        }
-        t.recv[ju] = 1;
-        record(&mut t.hist, now.saturating_sub(ts));
-        if t.sched.is_steady(j as u32) {
-            t.delivered_steady += 1;
-            let next = t.sched.next_same_pair[ju];
-            if next != crate::schedule::NONE && t.recv[next as usize] > 0 {
-                t.reordered += 1;
-            }
-        } else {
-            t.delivered_churned += 1;
+        if t.ledger.receive(&t.sched, g, j, s) == Receipt::Delivered {
+            record(&mut t.hist, now.saturating_sub(ts));
         }
     }
 
@@ -1003,42 +973,26 @@ impl Worker {
         let t0 = u("start_ns");
         let mine = |g: u32| g >= self.base && g < self.base + self.conns.len() as u32;
         let mut my_sends = Vec::new();
-        let mut expected_steady = 0;
-        let mut expected_churned = 0;
         for j in 0..sched.len() as u32 {
             if mine(sched.sender[j as usize]) {
                 my_sends.push(j);
             }
-            if mine(sched.recipient[j as usize]) {
-                if sched.is_steady(j) {
-                    expected_steady += 1;
-                } else {
-                    expected_churned += 1;
-                }
-            }
         }
+        let ledger = Ledger::new(&sched, mine);
         let mut churn_list: Vec<(u64, u32)> = (0..self.conns.len() as u32)
             .filter(|&li| sched.is_churned(self.base + li))
             .map(|li| (t0 + sched.churn_offset_ns(self.base + li), li))
             .collect();
         churn_list.sort_unstable();
-        let msgs = sched.len();
         self.targeted = Some(TargetedPhase {
             label: cmd["label"].as_str().unwrap_or("targeted").to_string(),
             sched,
             t0,
             my_sends,
             next_send: 0,
-            recv: vec![0; msgs],
-            expected_steady,
-            expected_churned,
+            ledger,
             sent: 0,
             send_skipped: 0,
-            delivered_steady: 0,
-            delivered_churned: 0,
-            duplicated: 0,
-            misrouted: 0,
-            reordered: 0,
             hist: new_hist(),
             churn_list,
             next_churn: 0,
@@ -1087,7 +1041,7 @@ impl Worker {
         if !t.done_sent
             && t.next_send == t.my_sends.len()
             && t.next_churn == t.churn_list.len()
-            && t.delivered_steady == t.expected_steady
+            && t.ledger.steady_complete()
             && t.reconnected + t.reconnect_failed >= churned_total
         {
             t.done_sent = true;
@@ -1115,18 +1069,19 @@ impl Worker {
             emit(json!({"ev": "targeted_report"}));
             return;
         };
+        let c = t.ledger.counts();
         emit(json!({
             "ev": "targeted_report",
             "label": t.label,
             "sent": t.sent,
             "send_skipped": t.send_skipped,
-            "expected_steady": t.expected_steady,
-            "expected_churned": t.expected_churned,
-            "delivered_steady": t.delivered_steady,
-            "delivered_churned": t.delivered_churned,
-            "duplicated": t.duplicated,
-            "misrouted": t.misrouted,
-            "reordered": t.reordered,
+            "expected_steady": c.expected_steady,
+            "expected_churned": c.expected_churned,
+            "delivered_steady": c.delivered_steady,
+            "delivered_churned": c.delivered_churned,
+            "duplicated": c.duplicated,
+            "misrouted": c.misrouted,
+            "reordered": c.reordered,
             "churned_conns": t.churn_list.len(),
             "reconnected": t.reconnected,
             "reconnect_failed": t.reconnect_failed,
