@@ -13,8 +13,9 @@
 //! The sink (listener, echo, relay, fanout sender) runs in the coordinator
 //! process; the clients run in the workers.
 
-use crate::coordinator::{span_ns, sum, Workers};
-use crate::report::{hist_to_json, merge_json, new_hist, record, summary_json};
+use crate::coordinator::{span_ns, Workers};
+use crate::proto::{pick, Command, Event, Phase};
+use crate::report::{hist_counts, merge_counts, new_hist, record, summary_json};
 use crate::schedule::Rng;
 use crate::sys::{self, Epoll, EV_ERR, EV_ET, EV_IN, EV_OUT, EV_RDHUP};
 use crate::worker::{emit, CALIB_BASE};
@@ -130,9 +131,12 @@ impl Clients {
 
     fn report_if_empty(self) -> Clients {
         if self.socks.is_empty() {
-            emit(
-                json!({"ev": "calib_connect_done", "ok": 0, "failed": 0, "t0": self.t0, "last_ns": self.t0}),
-            );
+            emit(Event::CalibConnectDone {
+                ok: 0,
+                failed: 0,
+                t0: self.t0,
+                last_ns: self.t0,
+            });
         }
         self
     }
@@ -149,9 +153,9 @@ impl Clients {
         None
     }
 
-    pub fn progress(&self) -> Option<(&'static str, u64)> {
+    pub fn progress(&self) -> Option<(Phase, u64)> {
         if !self.connect_reported {
-            Some(("calibrate-connect", self.ok))
+            Some((Phase::CalibrateConnect, self.ok))
         } else {
             None
         }
@@ -189,10 +193,12 @@ impl Clients {
         }
         if !self.connect_reported && self.next == self.socks.len() && self.inflight == 0 {
             self.connect_reported = true;
-            emit(
-                json!({"ev": "calib_connect_done", "ok": self.ok, "failed": self.failed,
-                "t0": self.t0, "last_ns": self.last_ns}),
-            );
+            emit(Event::CalibConnectDone {
+                ok: self.ok,
+                failed: self.failed,
+                t0: self.t0,
+                last_ns: self.last_ns,
+            });
         }
         while self.ow_sent < self.ow_count {
             let due = self.ow_start + (self.ow_sent as f64 * self.ow_interval) as u64;
@@ -305,8 +311,11 @@ impl Clients {
                 self.fanout_last_ns = now;
                 if !self.fanout_reported && self.fanout_count >= self.ok {
                     self.fanout_reported = true;
-                    emit(json!({"ev": "calib_fanout_done", "round": word,
-                        "count": self.fanout_count, "last_ns": self.fanout_last_ns}));
+                    emit(Event::CalibFanoutDone {
+                        round: word,
+                        count: self.fanout_count,
+                        last_ns: self.fanout_last_ns,
+                    });
                 }
             }
             b'O' => {
@@ -331,9 +340,12 @@ impl Clients {
         self.ow_sent = 0;
     }
 
-    pub fn report(&self) -> Value {
-        json!({"ev": "calib_report", "sent": self.ow_sent, "received": self.ow_received,
-            "hist": hist_to_json(&self.ow_hist)})
+    pub fn report(&self) -> Event {
+        Event::CalibReport {
+            sent: self.ow_sent,
+            received: self.ow_received,
+            hist: hist_counts(&self.ow_hist),
+        }
     }
 
     pub fn close_all(&mut self) {
@@ -505,18 +517,22 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
         let (lo, hi) = crate::coordinator::split(plan.n, k, w);
         workers.send(
             w,
-            &json!({"cmd": "calib_connect", "addr": sink.addr.to_string(), "n": hi - lo,
-                "inflight": plan.inflight}),
+            &Command::CalibConnect {
+                addr: sink.addr,
+                n: hi - lo,
+                inflight: plan.inflight,
+            },
         );
     }
     let done = workers.wait_for(
-        |v| v["ev"] == "calib_connect_done",
         k,
         Duration::from_secs(120),
         Some(&mut || sink.poll(2)),
+        pick!(Event::CalibConnectDone { ok, failed, t0, last_ns } => (ok, failed, t0, last_ns)),
     );
-    let (ok, failed) = (sum(&done, "ok"), sum(&done, "failed"));
-    let (t0, last) = span_ns(&done);
+    let ok: u64 = done.iter().map(|d| d.0).sum();
+    let failed: u64 = done.iter().map(|d| d.1).sum();
+    let (t0, last) = span_ns(done.iter().map(|d| (d.2, d.3)));
     let connect_per_sec = if last > t0 {
         ok as f64 / ((last - t0) as f64 / 1e9)
     } else {
@@ -535,25 +551,21 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
     let mut fanout = Vec::new();
     let mut send_loop = Vec::new();
     for round in 0..plan.rounds {
-        workers.send_all(&json!({"cmd": "calib_fanout", "round": round}));
+        workers.send_all(&Command::CalibFanout { round });
         workers.wait_for(
-            |v| v["ev"] == "calib_armed",
             k,
             Duration::from_secs(10),
             None,
+            pick!(Event::CalibArmed => ()),
         );
         let (start, end) = sink.fanout(round);
         let done = workers.wait_for(
-            |v| v["ev"] == "calib_fanout_done" && v["round"] == round,
             k,
             Duration::from_secs(20),
             None,
+            pick!(Event::CalibFanoutDone { round: r, last_ns, .. } if r == round => last_ns),
         );
-        let last = done
-            .iter()
-            .filter_map(|(_, v)| v["last_ns"].as_u64())
-            .max()
-            .unwrap_or(end);
+        let last = done.iter().copied().max().unwrap_or(end);
         if done.len() == k {
             fanout.push(last.saturating_sub(start) as f64 / 1000.0);
         }
@@ -578,8 +590,11 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
             let (lo, hi) = crate::coordinator::split(plan.count as usize, k, w);
             workers.send(
                 w,
-                &json!({"cmd": "calib_oneway", "start_ns": start,
-                    "rate": plan.rate / k as f64, "count": hi - lo}),
+                &Command::CalibOneway {
+                    start_ns: start,
+                    rate: plan.rate / k as f64,
+                    count: (hi - lo) as u64,
+                },
             );
         }
         let duration = Duration::from_secs_f64(plan.count as f64 / plan.rate + 3.0);
@@ -592,24 +607,24 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
         for _ in 0..20 {
             sink.poll(5);
         }
-        workers.send_all(&json!({"cmd": "calib_report"}));
-        for (_, v) in workers.wait_for(
-            |v| v["ev"] == "calib_report",
+        workers.send_all(&Command::CalibReport);
+        for (s, r, h) in workers.wait_for(
             k,
             Duration::from_secs(10),
             None,
+            pick!(Event::CalibReport { sent, received, hist } => (sent, received, hist)),
         ) {
-            merge_json(&mut hist, &v["hist"]);
-            sent += v["sent"].as_u64().unwrap_or(0);
-            received += v["received"].as_u64().unwrap_or(0);
+            merge_counts(&mut hist, &h);
+            sent += s;
+            received += r;
         }
     }
-    workers.send_all(&json!({"cmd": "calib_close"}));
+    workers.send_all(&Command::CalibClose);
     workers.wait_for(
-        |v| v["ev"] == "calib_closed",
         k,
         Duration::from_secs(10),
         None,
+        pick!(Event::CalibClosed => ()),
     );
     let short_writes = sink.short_writes;
     let accepted = sink.accepted();

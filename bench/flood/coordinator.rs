@@ -4,8 +4,10 @@
 //! memory and prints the report.
 
 use crate::calibrate::{self, CalibPlan};
+use crate::ledger::Counts;
 use crate::proc_stats;
-use crate::report::{hgrm, merge_json, new_hist, summary_json, table_header, table_row};
+use crate::proto::{pick, Command, ErrorCounts, Event, Phase, Traffic, TrafficPlan};
+use crate::report::{hgrm, merged, new_hist, summary_json, table_header, table_row};
 use crate::schedule::Rng;
 use crate::sys;
 use crate::Args;
@@ -14,7 +16,7 @@ use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{self, Child, ChildStdin, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -32,11 +34,11 @@ pub struct Workers {
     /// Where commands are written, one per worker.
     stdins: Vec<ChildStdin>,
     /// (worker, event) from the reader threads.
-    rx: Receiver<(usize, Value)>,
+    rx: Receiver<(usize, Event)>,
     /// Events that arrived while waiting for something else.
-    backlog: VecDeque<(usize, Value)>,
+    backlog: VecDeque<Event>,
     /// Latest progress per worker: (phase, done, failed).
-    progress: Vec<(String, u64, u64)>,
+    progress: Vec<(Option<Phase>, u64, u64)>,
     /// When progress was last printed, and the total done then (for a rate).
     last_print: Instant,
     last_done: u64,
@@ -51,7 +53,7 @@ impl Workers {
         let mut children = Vec::new();
         let mut stdins = Vec::new();
         for w in 0..k {
-            let mut child = Command::new(&exe)
+            let mut child = process::Command::new(&exe)
                 .args(&args)
                 .arg("--worker")
                 .arg(w.to_string())
@@ -65,16 +67,16 @@ impl Workers {
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
-                    match serde_json::from_str::<Value>(&line) {
-                        Ok(v) => {
-                            if tx.send((w, v)).is_err() {
+                    match serde_json::from_str::<Event>(&line) {
+                        Ok(ev) => {
+                            if tx.send((w, ev)).is_err() {
                                 break;
                             }
                         }
                         Err(_) => eprintln!("worker {w}: {line}"),
                     }
                 }
-                let _ = tx.send((w, json!({"ev": "exited"})));
+                let _ = tx.send((w, Event::Exited));
             });
             children.push(child);
         }
@@ -83,7 +85,7 @@ impl Workers {
             stdins,
             rx,
             backlog: VecDeque::new(),
-            progress: vec![(String::new(), 0, 0); k],
+            progress: vec![(None, 0, 0); k],
             last_print: Instant::now(),
             last_done: 0,
         })
@@ -98,38 +100,39 @@ impl Workers {
         self.children.iter().map(Child::id).collect()
     }
 
-    pub fn send(&mut self, w: usize, cmd: &Value) {
-        let _ = writeln!(self.stdins[w], "{cmd}");
+    pub fn send(&mut self, w: usize, cmd: &Command) {
+        let line = serde_json::to_string(cmd).expect("commands serialize");
+        let _ = writeln!(self.stdins[w], "{line}");
         let _ = self.stdins[w].flush();
     }
 
-    pub fn send_all(&mut self, cmd: &Value) {
+    pub fn send_all(&mut self, cmd: &Command) {
         for w in 0..self.len() {
             self.send(w, cmd);
         }
     }
 
     /// Handles progress and errors; returns events worth keeping.
-    fn absorb(&mut self, w: usize, v: Value) -> Option<(usize, Value)> {
-        match v["ev"].as_str() {
-            Some("progress") => {
-                self.progress[w] = (
-                    v["phase"].as_str().unwrap_or("").to_string(),
-                    v["done"].as_u64().unwrap_or(0),
-                    v["failed"].as_u64().unwrap_or(0),
-                );
+    fn absorb(&mut self, w: usize, ev: Event) -> Option<Event> {
+        match ev {
+            Event::Progress {
+                phase,
+                done,
+                failed,
+            } => {
+                self.progress[w] = (Some(phase), done, failed);
                 self.print_progress();
                 None
             }
-            Some("error") => {
-                eprintln!("worker {w}: {}", v["msg"]);
+            Event::Error { msg } => {
+                eprintln!("worker {w}: {msg}");
                 None
             }
-            Some("exited") => {
+            Event::Exited => {
                 eprintln!("worker {w} exited");
-                Some((w, v))
+                Some(ev)
             }
-            _ => Some((w, v)),
+            _ => Some(ev),
         }
     }
 
@@ -139,16 +142,17 @@ impl Workers {
         if elapsed < Duration::from_millis(950) {
             return;
         }
-        let phase = self.progress[0].0.clone();
+        let phase = self.progress[0].0;
         let done: u64 = self.progress.iter().map(|p| p.1).sum();
         let failed: u64 = self.progress.iter().map(|p| p.2).sum();
         let rate = done.saturating_sub(self.last_done) as f64 / elapsed.as_secs_f64();
-        let (done_what, other_what) = match phase.as_str() {
-            "connect" => ("established", "failed"),
-            "targeted" | "churn" => ("sent", "delivered"),
-            "teardown" => ("closed", "unclean"),
-            _ => ("connected", "failed"),
+        let (done_what, other_what) = match phase {
+            Some(Phase::Connect) => ("established", "failed"),
+            Some(Phase::Targeted | Phase::Churn) => ("sent", "delivered"),
+            Some(Phase::Teardown) => ("closed", "unclean"),
+            Some(Phase::CalibrateConnect) | None => ("connected", "failed"),
         };
+        let phase = phase.map_or("", Phase::name);
         eprintln!("  [{phase}] {done} {done_what}, {failed} {other_what}, {rate:.0}/s");
         self.last_print = Instant::now();
         self.last_done = done;
@@ -159,36 +163,41 @@ impl Workers {
         self.last_print = Instant::now();
         self.last_done = 0;
         for p in &mut self.progress {
-            *p = (String::new(), 0, 0);
+            *p = (None, 0, 0);
         }
     }
 
     /// Reads pending events without waiting (keeps them in the backlog).
     pub fn drain_progress(&mut self) {
-        while let Ok((w, v)) = self.rx.try_recv() {
-            if let Some(e) = self.absorb(w, v) {
-                self.backlog.push_back(e);
+        while let Ok((w, ev)) = self.rx.try_recv() {
+            if let Some(ev) = self.absorb(w, ev) {
+                self.backlog.push_back(ev);
             }
         }
     }
 
-    /// Waits until `n` events matching `pred` arrived or `timeout` passed.
-    /// `poll`, if given, is called between checks (and should block briefly).
-    pub fn wait_for(
+    /// Waits until `pick` took `n` events or `timeout` passed, and returns
+    /// what it took (`pick!` makes one from a pattern). Events it leaves
+    /// wait in the backlog for a later call. `poll`, if given, is called
+    /// between checks (and should block briefly).
+    pub fn wait_for<T>(
         &mut self,
-        pred: impl Fn(&Value) -> bool,
         n: usize,
         timeout: Duration,
         mut poll: Option<&mut dyn FnMut()>,
-    ) -> Vec<(usize, Value)> {
+        pick: impl Fn(Event) -> Result<T, Event>,
+    ) -> Vec<T> {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::new();
         let mut keep = VecDeque::new();
-        while let Some((w, v)) = self.backlog.pop_front() {
-            if got.len() < n && pred(&v) {
-                got.push((w, v));
-            } else {
-                keep.push_back((w, v));
+        while let Some(ev) = self.backlog.pop_front() {
+            if got.len() >= n {
+                keep.push_back(ev);
+                continue;
+            }
+            match pick(ev) {
+                Ok(t) => got.push(t),
+                Err(ev) => keep.push_back(ev),
             }
         }
         self.backlog = keep;
@@ -213,19 +222,19 @@ impl Workers {
                     Err(RecvTimeoutError::Disconnected) => break,
                 },
             };
-            if let Some((w, v)) = next {
-                if let Some((w, v)) = self.absorb(w, v) {
-                    if v["ev"] == "exited" {
-                        exited += 1;
-                        if exited >= self.len() {
-                            break;
-                        }
-                    } else if pred(&v) {
-                        got.push((w, v));
-                    } else {
-                        self.backlog.push_back((w, v));
-                    }
+            let Some(ev) = next.and_then(|(w, ev)| self.absorb(w, ev)) else {
+                continue;
+            };
+            if matches!(ev, Event::Exited) {
+                exited += 1;
+                if exited >= self.len() {
+                    break;
                 }
+                continue;
+            }
+            match pick(ev) {
+                Ok(t) => got.push(t),
+                Err(ev) => self.backlog.push_back(ev),
             }
         }
         got
@@ -233,7 +242,7 @@ impl Workers {
 
     /// Tells every worker to exit and reaps them.
     pub fn shutdown(&mut self) {
-        self.send_all(&json!({"cmd": "exit"}));
+        self.send_all(&Command::Exit);
         for c in &mut self.children {
             let deadline = Instant::now() + Duration::from_secs(5);
             loop {
@@ -351,36 +360,19 @@ impl CpuMark {
     }
 }
 
-/// Sums a numeric field over worker answers.
-/// The earliest `t0` and the latest `last_ns` the workers reported (ns on
-/// the shared monotonic clock); `last` is `t0` when none reported one.
-pub(crate) fn span_ns(answers: &[(usize, Value)]) -> (u64, u64) {
-    let t0 = answers
-        .iter()
-        .filter_map(|(_, v)| v["t0"].as_u64())
-        .min()
-        .unwrap_or(0);
-    let last = answers
-        .iter()
-        .filter_map(|(_, v)| v["last_ns"].as_u64())
-        .max()
-        .unwrap_or(t0);
-    (t0, last)
-}
-
-pub(crate) fn sum(answers: &[(usize, Value)], key: &str) -> u64 {
-    answers
-        .iter()
-        .map(|(_, v)| v[key].as_u64().unwrap_or(0))
-        .sum()
-}
-
-fn merged(answers: &[(usize, Value)], key: &str) -> Histogram<u64> {
-    let mut h = new_hist();
-    for (_, v) in answers {
-        merge_json(&mut h, &v[key]);
+/// The earliest start and the latest end of (start, end) pairs the workers
+/// reported (ns on the shared monotonic clock); the end is the start when
+/// there is none.
+pub(crate) fn span_ns(spans: impl Iterator<Item = (u64, u64)>) -> (u64, u64) {
+    let (mut t0, mut last) = (u64::MAX, 0);
+    for (a, b) in spans {
+        t0 = t0.min(a);
+        last = last.max(b);
     }
-    h
+    if t0 == u64::MAX {
+        return (0, 0);
+    }
+    (t0, last.max(t0))
 }
 
 /// Prints a latency table row plus, unless disabled, the .hgrm distribution.
@@ -458,27 +450,35 @@ pub fn run(args: &Args) -> i32 {
             return 2;
         }
     };
-    let ready = workers.wait_for(|v| v["ev"] == "ready", procs, Duration::from_secs(10), None);
+    let ready = workers.wait_for(
+        procs,
+        Duration::from_secs(10),
+        None,
+        pick!(Event::Ready { .. } => ()),
+    );
     if ready.len() < procs {
         eprintln!("corepush-flood: workers did not start");
         workers.shutdown();
         return 2;
     }
-    let target_strs: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
-    let source_strs: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
     for w in 0..procs {
         let (lo, hi) = split(conns as usize, procs, w);
         workers.send(
             w,
-            &json!({"cmd": "init", "base": lo, "count": hi - lo, "total": conns,
-                "targets": target_strs, "sources": source_strs}),
+            &Command::Init {
+                base: lo as u32,
+                count: (hi - lo) as u32,
+                total: conns as u32,
+                targets: targets.clone(),
+                sources: sources.clone(),
+            },
         );
     }
     workers.wait_for(
-        |v| v["ev"] == "init_done",
         procs,
         Duration::from_secs(10),
         None,
+        pick!(Event::InitDone => ()),
     );
 
     let mut out = Map::new();
@@ -552,10 +552,11 @@ pub fn run(args: &Args) -> i32 {
     );
     workers.phase_start();
     let mark = CpuMark::now(&server_pids, &workers);
-    workers.send_all(
-        &json!({"cmd": "connect", "rate": args.connect_rate / procs as f64,
-        "inflight": args.inflight, "timeout_ns": (args.connect_timeout * 1e9) as u64}),
-    );
+    workers.send_all(&Command::Connect {
+        rate: args.connect_rate / procs as f64,
+        inflight: args.inflight,
+        timeout_ns: (args.connect_timeout * 1e9) as u64,
+    });
     let wait = if args.connect_rate > 0.0 {
         conns as f64 / args.connect_rate
     } else {
@@ -563,21 +564,21 @@ pub fn run(args: &Args) -> i32 {
     } + args.connect_timeout
         + 30.0;
     let done = workers.wait_for(
-        |v| v["ev"] == "connect_done",
         procs,
         Duration::from_secs_f64(wait),
         None,
+        pick!(Event::ConnectDone(r) => r),
     );
-    let established = sum(&done, "established");
+    let established: u64 = done.iter().map(|r| r.established).sum();
     let failed = conns - established.min(conns);
-    let (t0, last) = span_ns(&done);
+    let (t0, last) = span_ns(done.iter().map(|r| (r.t0, r.last_ns)));
     let per_sec = if last > t0 {
         established as f64 / ((last - t0) as f64 / 1e9)
     } else {
         0.0
     };
-    let connect_hist = merged(&done, "hist");
-    let flood_rss = sum(&done, "rss_bytes");
+    let connect_hist = merged(done.iter().map(|r| &r.hist));
+    let flood_rss: u64 = done.iter().map(|r| r.rss_bytes.unwrap_or(0)).sum();
     println!(
         "  established {established} of {conns}, failed {failed}, {per_sec:.0} conn/s over {:.2} s",
         (last.saturating_sub(t0)) as f64 / 1e9
@@ -656,8 +657,15 @@ pub fn run(args: &Args) -> i32 {
     // ---- targeted
     let mut targeted_hist = new_hist();
     if args.msgs > 0 && established > 0 {
-        let (v, h) = targeted_phase(args, &mut workers, &server_pids, "targeted", args.seed, 0.0);
-        if !v["ok"].as_bool().unwrap_or(false) {
+        let (v, passed, h) = targeted_phase(
+            args,
+            &mut workers,
+            &server_pids,
+            Traffic::Targeted,
+            args.seed,
+            0.0,
+        );
+        if !passed {
             ok = false;
             problems.push("targeted: lost/duplicated/misrouted/reordered messages".into());
         }
@@ -668,8 +676,8 @@ pub fn run(args: &Args) -> i32 {
     // ---- broadcast
     let mut bcast_last = new_hist();
     if args.broadcasts > 0 && established > 0 {
-        let (v, last) = broadcast_phase(args, &mut workers, &server_pids, conns as usize);
-        if !v["ok"].as_bool().unwrap_or(false) {
+        let (v, passed, last) = broadcast_phase(args, &mut workers, &server_pids, conns as usize);
+        if !passed {
             ok = false;
             problems.push("broadcast: lost or duplicated deliveries".into());
         }
@@ -679,15 +687,15 @@ pub fn run(args: &Args) -> i32 {
 
     // ---- churn
     if args.churn > 0.0 && args.msgs > 0 && established > 0 {
-        let (v, _) = targeted_phase(
+        let (v, passed, _) = targeted_phase(
             args,
             &mut workers,
             &server_pids,
-            "churn",
+            Traffic::Churn,
             args.seed.wrapping_add(1),
             args.churn,
         );
-        if !v["ok"].as_bool().unwrap_or(false) {
+        if !passed {
             ok = false;
             problems.push("churn: lost/duplicated/misrouted messages between steady connections, or reconnects failed".into());
         }
@@ -697,23 +705,21 @@ pub fn run(args: &Args) -> i32 {
     // ---- teardown
     println!("\n== teardown: close all connections cleanly");
     workers.phase_start();
-    workers.send_all(&json!({"cmd": "teardown", "timeout_ns": 10_000_000_000u64}));
+    workers.send_all(&Command::Teardown {
+        timeout_ns: 10_000_000_000,
+    });
     let done = workers.wait_for(
-        |v| v["ev"] == "teardown_done",
         procs,
         Duration::from_secs(30),
         None,
+        pick!(Event::TeardownDone(r) => r),
     );
-    let closing = sum(&done, "closing");
-    let clean = sum(&done, "clean");
-    let unclean = sum(&done, "unclean");
-    let timed_out = sum(&done, "timed_out");
-    let elapsed = done
-        .iter()
-        .filter_map(|(_, v)| v["elapsed_ns"].as_u64())
-        .max()
-        .unwrap_or(0);
-    let close_hist = merged(&done, "hist");
+    let closing: u64 = done.iter().map(|r| r.closing).sum();
+    let clean: u64 = done.iter().map(|r| r.clean).sum();
+    let unclean: u64 = done.iter().map(|r| r.unclean).sum();
+    let timed_out: u64 = done.iter().map(|r| r.timed_out).sum();
+    let elapsed = done.iter().map(|r| r.elapsed_ns).max().unwrap_or(0);
+    let close_hist = merged(done.iter().map(|r| &r.hist));
     println!("  {closing} closing: {clean} clean (server close frame), {unclean} without close frame, {timed_out} timed out, {:.2} s",
         elapsed as f64 / 1e9);
     print_latency(args, "close frame round trip", &close_hist);
@@ -731,28 +737,24 @@ pub fn run(args: &Args) -> i32 {
     );
 
     // ---- error counters
-    workers.send_all(&json!({"cmd": "stats"}));
-    let stats = workers.wait_for(|v| v["ev"] == "stats", procs, Duration::from_secs(10), None);
-    let mut errors = Map::new();
-    for key in [
-        "fail_connect",
-        "fail_upgrade",
-        "fail_login",
-        "fail_timeout",
-        "dropped",
-        "protocol_errors",
-        "unexpected",
-        "stray",
-        "pings",
-    ] {
-        errors.insert(key.into(), json!(sum(&stats, key)));
+    workers.send_all(&Command::Stats);
+    let mut errors = ErrorCounts::default();
+    for e in workers.wait_for(
+        procs,
+        Duration::from_secs(10),
+        None,
+        pick!(Event::Stats(e) => e),
+    ) {
+        errors.add(&e);
     }
-    println!("\n== errors: {}", Value::Object(errors.clone()));
-    if sum(&stats, "dropped") + sum(&stats, "protocol_errors") + sum(&stats, "unexpected") > 0 {
+    let failing = errors.dropped + errors.protocol_errors + errors.unexpected > 0;
+    let errors = serde_json::to_value(errors).expect("counts serialize");
+    println!("\n== errors: {errors}");
+    if failing {
         ok = false;
         problems.push("connections dropped or protocol errors".into());
     }
-    out.insert("errors".into(), Value::Object(errors));
+    out.insert("errors".into(), errors);
     workers.shutdown();
 
     // ---- ratios to the floor
@@ -812,15 +814,16 @@ pub fn run(args: &Args) -> i32 {
     }
 }
 
-/// The targeted phase (or, with churn > 0, the churn phase).
+/// The targeted phase (or, with churn > 0, the churn phase). Returns its
+/// JSON, whether it passed, and its latency histogram.
 fn targeted_phase(
     args: &Args,
     workers: &mut Workers,
     server_pids: &[u32],
-    label: &str,
+    kind: Traffic,
     seed: u64,
     churn: f64,
-) -> (Value, Histogram<u64>) {
+) -> (Value, bool, Histogram<u64>) {
     let procs = workers.len();
     let duration = f64::from(args.msgs) / args.msg_rate;
     if churn > 0.0 {
@@ -835,38 +838,42 @@ fn targeted_phase(
     workers.phase_start();
     let mark = CpuMark::now(server_pids, workers);
     let start = sys::now_ns() + 100_000_000;
-    workers.send_all(
-        &json!({"cmd": "targeted", "label": label, "seed": seed, "msgs": args.msgs,
-        "rate": args.msg_rate, "churn": churn, "start_ns": start}),
-    );
+    workers.send_all(&Command::Targeted(TrafficPlan {
+        kind,
+        seed,
+        msgs: args.msgs,
+        rate: args.msg_rate,
+        churn,
+        start_ns: start,
+    }));
     let wait = Duration::from_secs_f64(duration + 0.1 + args.drain_secs);
-    let done = workers.wait_for(|v| v["ev"] == "targeted_done", procs, wait, None);
+    let done = workers.wait_for(procs, wait, None, pick!(Event::TargetedDone => ()));
     let all_done = done.len() == procs;
     let cpu = mark.report(server_pids, workers);
     // A moment for duplicates to show up.
     std::thread::sleep(Duration::from_millis(200));
-    workers.send_all(&json!({"cmd": "targeted_report"}));
+    workers.send_all(&Command::TargetedReport);
     let r = workers.wait_for(
-        |v| v["ev"] == "targeted_report",
         procs,
         Duration::from_secs(10),
         None,
+        pick!(Event::TargetedReport(r) => r),
     );
-    let sent = sum(&r, "sent");
-    let skipped = sum(&r, "send_skipped");
-    let exp_s = sum(&r, "expected_steady");
-    let exp_c = sum(&r, "expected_churned");
-    let del_s = sum(&r, "delivered_steady");
-    let del_c = sum(&r, "delivered_churned");
-    let dup = sum(&r, "duplicated");
-    let mis = sum(&r, "misrouted");
-    let reord = sum(&r, "reordered");
-    let lost = exp_s.saturating_sub(del_s);
-    let hist = merged(&r, "hist");
-    let rec_hist = merged(&r, "reconnect_hist");
-    let churned = sum(&r, "churned_conns");
-    let reconnected = sum(&r, "reconnected");
-    let reconnect_failed = sum(&r, "reconnect_failed");
+    let mut c = Counts::default();
+    for w in &r {
+        c.add(&w.counts);
+    }
+    let sent: u64 = r.iter().map(|w| w.sent).sum();
+    let skipped: u64 = r.iter().map(|w| w.send_skipped).sum();
+    let (exp_s, exp_c) = (c.expected_steady, c.expected_churned);
+    let (del_s, del_c) = (c.delivered_steady, c.delivered_churned);
+    let (dup, mis, reord) = (c.duplicated, c.misrouted, c.reordered);
+    let lost = c.lost();
+    let hist = merged(r.iter().map(|w| &w.hist));
+    let rec_hist = merged(r.iter().map(|w| &w.reconnect_hist));
+    let churned: u64 = r.iter().map(|w| w.churned_conns).sum();
+    let reconnected: u64 = r.iter().map(|w| w.reconnected).sum();
+    let reconnect_failed: u64 = r.iter().map(|w| w.reconnect_failed).sum();
     let ok = all_done
         && r.len() == procs
         && lost == 0
@@ -876,41 +883,41 @@ fn targeted_phase(
         && reconnect_failed == 0
         && reconnected == churned;
     println!("  sent {sent} ({:.0} msg/s), delivered {}, lost {lost}, duplicated {dup}, misrouted {mis}, reordered {reord}",
-        sent as f64 / duration.max(1e-9), del_s + del_c);
+        sent as f64 / duration.max(1e-9), c.delivered());
     if churn > 0.0 {
         println!("  {churned} connections churned: {reconnected} reconnected, {reconnect_failed} failed to");
         println!("  messages between steady connections: {exp_s} expected, {del_s} delivered, {lost} lost (must be 0)");
         println!("  messages to/from churned uids (may legitimately be lost while reconnecting): {exp_c} expected, {del_c} delivered, {} not delivered, {skipped} not sent (sender reconnecting)",
-            exp_c.saturating_sub(del_c));
+            c.churned_not_delivered());
     }
-    print_latency(args, &format!("{label} send->receive"), &hist);
+    print_latency(args, &format!("{} send->receive", kind.name()), &hist);
     if churn > 0.0 {
         print_latency(args, "reconnect+upgrade+login", &rec_hist);
     }
     let v = json!({
-        "sent": sent, "delivered": del_s + del_c, "lost": lost, "duplicated": dup,
+        "sent": sent, "delivered": c.delivered(), "lost": lost, "duplicated": dup,
         "misrouted": mis, "reordered": reord, "expected": exp_s + exp_c,
         "rate": args.msg_rate, "msgs": args.msgs,
         "latency_us": summary_json(&hist),
         "cpu": cpu,
         "churned": {"conns": churned, "reconnected": reconnected, "reconnect_failed": reconnect_failed,
-            "expected": exp_c, "delivered": del_c, "not_delivered": exp_c.saturating_sub(del_c),
+            "expected": exp_c, "delivered": del_c, "not_delivered": c.churned_not_delivered(),
             "not_sent": skipped, "reconnect_latency_us": summary_json(&rec_hist)},
         "ok": ok,
     });
-    (v, hist)
+    (v, ok, hist)
 }
 
 /// The broadcast phase: one broadcast at a time, each from a random
 /// connection, waiting until every worker saw it (or a timeout) before the
-/// next, so they never overlap. Returns its JSON and the per-broadcast
-/// last-recipient histogram.
+/// next, so they never overlap. Returns its JSON, whether it passed, and
+/// the per-broadcast last-recipient histogram.
 fn broadcast_phase(
     args: &Args,
     workers: &mut Workers,
     server_pids: &[u32],
     conns: usize,
-) -> (Value, Histogram<u64>) {
+) -> (Value, bool, Histogram<u64>) {
     let procs = workers.len();
     println!(
         "\n== broadcast: {} broadcasts to every connection, one at a time",
@@ -923,12 +930,12 @@ fn broadcast_phase(
     let mut sent_ok = 0u64;
     let mut complete = 0u64;
     for b in 0..args.broadcasts {
-        workers.send_all(&json!({"cmd": "bcast_arm", "b": b}));
+        workers.send_all(&Command::BcastArm { b });
         workers.wait_for(
-            |v| v["ev"] == "bcast_armed" && v["b"] == b,
             procs,
             Duration::from_secs(10),
             None,
+            pick!(Event::BcastArmed { b: x } if x == b => ()),
         );
         let sender = rng.below(conns as u64) as usize;
         let owner = (0..procs)
@@ -939,50 +946,49 @@ fn broadcast_phase(
             .unwrap_or(0);
         workers.send(
             owner,
-            &json!({"cmd": "bcast_send", "b": b, "sender": sender}),
+            &Command::BcastSend {
+                b,
+                sender: sender as u32,
+            },
         );
         let s = workers.wait_for(
-            |v| v["ev"] == "bcast_sent" && v["b"] == b,
             1,
             Duration::from_secs(10),
             None,
+            pick!(Event::BcastSent { b: x, ok } if x == b => ok),
         );
-        if !s.first().is_some_and(|(_, v)| v["ok"] == true) {
+        if s.first() != Some(&true) {
             eprintln!("  broadcast {b}: sender {sender} not ready, skipped");
             continue;
         }
         sent_ok += 1;
         let done = workers.wait_for(
-            |v| v["ev"] == "bcast_done" && v["b"] == b,
             procs,
             Duration::from_secs(10),
             None,
+            pick!(Event::BcastDone { b: x, max_latency_ns, .. } if x == b => max_latency_ns),
         );
         if done.len() == procs {
             complete += 1;
-            let last = done
-                .iter()
-                .filter_map(|(_, v)| v["max_latency_ns"].as_u64())
-                .max()
-                .unwrap_or(0);
+            let last = done.iter().copied().max().unwrap_or(0);
             crate::report::record(&mut last_hist, last);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let cpu = mark.report(server_pids, workers);
     std::thread::sleep(Duration::from_millis(200));
-    workers.send_all(&json!({"cmd": "bcast_report"}));
+    workers.send_all(&Command::BcastReport);
     let r = workers.wait_for(
-        |v| v["ev"] == "bcast_report",
         procs,
         Duration::from_secs(10),
         None,
+        pick!(Event::BcastReport(r) => r),
     );
-    let expected = sum(&r, "expected");
-    let deliveries = sum(&r, "deliveries");
-    let dup = sum(&r, "duplicated");
+    let expected: u64 = r.iter().map(|w| w.expected).sum();
+    let deliveries: u64 = r.iter().map(|w| w.deliveries).sum();
+    let dup: u64 = r.iter().map(|w| w.duplicated).sum();
     let lost = expected.saturating_sub(deliveries);
-    let hist = merged(&r, "hist");
+    let hist = merged(r.iter().map(|w| &w.hist));
     println!("  {sent_ok} of {} sent, {complete} reached every connection; deliveries {deliveries} of {expected}, lost {lost}, duplicated {dup}",
         args.broadcasts);
     print_latency(args, "broadcast per recipient", &hist);
@@ -995,7 +1001,7 @@ fn broadcast_phase(
         "cpu": cpu,
         "ok": ok,
     });
-    (v, last_hist)
+    (v, ok, last_hist)
 }
 
 #[cfg(test)]

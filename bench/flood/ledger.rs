@@ -20,6 +20,7 @@
 //! Pure: no clock, no sockets; the caller records latency on `Delivered`.
 
 use crate::schedule::{Schedule, NONE};
+use serde::{Deserialize, Serialize};
 
 /// What one arrival was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,7 +35,7 @@ pub enum Receipt {
 }
 
 /// The ledger's counts, as a worker reports them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
     /// Steady messages (no churned end) this worker's connections must get.
     pub expected_steady: u64,
@@ -47,9 +48,6 @@ pub struct Counts {
     pub reordered: u64,
 }
 
-// The coordinator still sums raw JSON numbers; it uses these once its
-// answers are typed.
-#[allow(dead_code)]
 impl Counts {
     /// Steady messages that did not arrive (they must all arrive).
     pub fn lost(&self) -> u64 {
@@ -64,6 +62,17 @@ impl Counts {
     /// Every message counted once, steady or not.
     pub fn delivered(&self) -> u64 {
         self.delivered_steady + self.delivered_churned
+    }
+
+    /// Adds another worker's counts (the coordinator sums them).
+    pub fn add(&mut self, o: &Counts) {
+        self.expected_steady += o.expected_steady;
+        self.expected_churned += o.expected_churned;
+        self.delivered_steady += o.delivered_steady;
+        self.delivered_churned += o.delivered_churned;
+        self.duplicated += o.duplicated;
+        self.misrouted += o.misrouted;
+        self.reordered += o.reordered;
     }
 }
 

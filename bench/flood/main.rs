@@ -11,6 +11,7 @@ mod conn;
 mod coordinator;
 mod ledger;
 mod proc_stats;
+mod proto;
 mod report;
 mod schedule;
 mod sys;

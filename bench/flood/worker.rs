@@ -1,18 +1,22 @@
 //! A worker process: one epoll loop driving thousands of WebSocket client
-//! connections, plus the bare-TCP calibration clients. It takes commands as
-//! JSON lines on stdin and answers with JSON lines on stdout; the
-//! coordinator decides when each phase starts.
+//! connections, plus the bare-TCP calibration clients. It takes commands
+//! (`proto::Command`) as JSON lines on stdin and answers with events
+//! (`proto::Event`) on stdout; the coordinator decides when each phase
+//! starts.
 
 use crate::calibrate::Clients;
 use crate::conn::{Conn, State};
 use crate::ledger::{Ledger, Receipt};
-use crate::report::{hist_to_json, new_hist, record};
+use crate::proto::{
+    BcastReport, Command, ConnectReport, ErrorCounts, Event, Phase, TeardownReport, Traffic,
+    TrafficPlan, TrafficReport,
+};
+use crate::report::{hist_counts, new_hist, record};
 use crate::schedule::{mix, Rng, Schedule};
 use crate::sys::{self, Epoll, EV_ERR, EV_ET, EV_IN, EV_OUT, EV_RDHUP};
 use crate::ws;
 use crate::Args;
 use hdrhistogram::Histogram;
-use serde_json::{json, Value};
 use std::io::{self, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -21,10 +25,11 @@ const TOKEN_STDIN: u64 = u64::MAX;
 /// Tokens at or above this are calibration sockets (token - CALIB_BASE).
 pub const CALIB_BASE: u64 = 1 << 40;
 
-/// Writes one JSON line to the coordinator.
-pub fn emit(v: Value) {
+/// Writes one event to the coordinator, as a JSON line.
+pub fn emit(ev: Event) {
+    let line = serde_json::to_string(&ev).expect("events serialize");
     let mut out = io::stdout().lock();
-    let _ = writeln!(out, "{v}");
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
@@ -43,28 +48,6 @@ enum Fail {
     Dropped,
     /// The server sent bytes that are not valid WebSocket frames.
     Protocol,
-}
-
-/// Error counters that span phases.
-#[derive(Default)]
-struct Counters {
-    /// Per-reason failure counts (see `Fail`).
-    connect: u64,
-    upgrade: u64,
-    login: u64,
-    timeout: u64,
-    dropped: u64,
-    protocol: u64,
-    /// Text messages that are neither targeted nor broadcast payloads
-    /// (e.g. `error: ...` replies): a sign the flood or server misbehaves.
-    unexpected: u64,
-    /// Targeted messages arriving when no targeted phase is active (too late
-    /// to be counted: they were already counted lost).
-    stray: u64,
-    /// Pings answered, to show the server's keepalive works.
-    pings: u64,
-    /// Messages we print to stderr for diagnosis, bounded.
-    logged: u32,
 }
 
 /// State of the connect phase.
@@ -93,8 +76,8 @@ struct ConnectPhase {
 
 /// State of a targeted (or churn) phase.
 struct TargetedPhase {
-    /// "targeted" or "churn": which report this is.
-    label: String,
+    /// Which run this is.
+    kind: Traffic,
     sched: Schedule,
     /// Phase start: message j is due at t0 + j / rate.
     t0: u64,
@@ -172,7 +155,10 @@ pub struct Worker {
     rng: Rng,
     /// Partial command line from stdin.
     cmd_buf: Vec<u8>,
-    counters: Counters,
+    /// Error counters that span phases.
+    counters: ErrorCounts,
+    /// Diagnostic lines printed to stderr so far (bounded).
+    logged: u32,
     connect: Option<ConnectPhase>,
     targeted: Option<TargetedPhase>,
     bcast: Vec<BcastStat>,
@@ -227,16 +213,6 @@ fn nonce(g: u32, started_ns: u64) -> [u8; 16] {
     n
 }
 
-fn parse_addrs(v: &Value) -> Vec<String> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 impl Worker {
     /// Runs the worker until the coordinator says exit or closes stdin.
     pub fn run(args: &Args, index: usize) -> i32 {
@@ -267,7 +243,8 @@ impl Worker {
             wbuf: Vec::with_capacity(4096),
             rng: Rng::new(mix(args.seed ^ (index as u64 + 1) ^ sys::now_ns())),
             cmd_buf: Vec::new(),
-            counters: Counters::default(),
+            counters: ErrorCounts::default(),
+            logged: 0,
             connect: None,
             targeted: None,
             bcast: Vec::new(),
@@ -280,7 +257,9 @@ impl Worker {
             last_scan: 0,
             exit: false,
         };
-        emit(json!({"ev": "ready", "pid": std::process::id()}));
+        emit(Event::Ready {
+            pid: std::process::id(),
+        });
         while !w.exit {
             let timeout = w.timeout_ns();
             let n = w.ep.wait_ns(timeout);
@@ -345,37 +324,40 @@ impl Worker {
         }
         while let Some(pos) = self.cmd_buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.cmd_buf.drain(..=pos).collect();
-            match serde_json::from_slice::<Value>(&line) {
-                Ok(cmd) => self.on_command(&cmd),
+            match serde_json::from_slice::<Command>(&line) {
+                Ok(cmd) => self.on_command(cmd),
                 Err(e) => eprintln!("worker {}: bad command: {e}", self.index),
             }
         }
     }
 
-    fn on_command(&mut self, cmd: &Value) {
-        let name = cmd["cmd"].as_str().unwrap_or("");
-        let u = |k: &str| cmd[k].as_u64().unwrap_or(0);
-        let f = |k: &str| cmd[k].as_f64().unwrap_or(0.0);
-        match name {
-            "init" => {
-                self.base = u("base") as u32;
-                self.total = u("total") as u32;
-                let count = u("count") as usize;
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Init {
+                base,
+                count,
+                total,
+                targets,
+                sources,
+            } => {
+                self.base = base;
+                self.total = total;
                 self.conns = (0..count).map(|_| Conn::new()).collect();
-                self.hosts = parse_addrs(&cmd["targets"]);
-                self.targets = self.hosts.iter().filter_map(|s| s.parse().ok()).collect();
-                self.sources = parse_addrs(&cmd["sources"])
-                    .iter()
-                    .filter_map(|s| s.parse().ok())
-                    .collect();
-                emit(json!({"ev": "init_done"}));
+                self.hosts = targets.iter().map(|t| t.to_string()).collect();
+                self.targets = targets;
+                self.sources = sources;
+                emit(Event::InitDone);
             }
-            "connect" => {
+            Command::Connect {
+                rate,
+                inflight,
+                timeout_ns,
+            } => {
                 self.connect = Some(ConnectPhase {
                     t0: sys::now_ns(),
-                    rate: f("rate"),
-                    inflight_limit: (u("inflight") as usize).max(1),
-                    timeout_ns: u("timeout_ns"),
+                    rate,
+                    inflight_limit: inflight.max(1),
+                    timeout_ns,
                     next: 0,
                     inflight: 0,
                     established: 0,
@@ -385,10 +367,10 @@ impl Worker {
                     reported: false,
                 });
             }
-            "targeted" => self.start_targeted(cmd),
-            "targeted_report" => self.report_targeted(),
-            "bcast_arm" => {
-                let b = u("b") as usize;
+            Command::Targeted(plan) => self.start_targeted(&plan),
+            Command::TargetedReport => self.report_targeted(),
+            Command::BcastArm { b } => {
+                let b = b as usize;
                 if self.bcast.len() <= b {
                     self.bcast.resize(b + 1, BcastStat::default());
                 }
@@ -398,78 +380,63 @@ impl Worker {
                     .filter(|c| c.state == State::Ready)
                     .count() as u64;
                 self.bcast[b].expected = expected;
-                emit(json!({"ev": "bcast_armed", "b": b}));
+                emit(Event::BcastArmed { b: b as u32 });
                 self.check_bcast_done(b);
             }
-            "bcast_send" => {
-                let b = u("b");
-                let g = u("sender") as u32;
-                let ok = self.send_broadcast(b, g);
-                emit(json!({"ev": "bcast_sent", "b": b, "ok": ok}));
+            Command::BcastSend { b, sender } => {
+                let ok = self.send_broadcast(b, sender);
+                emit(Event::BcastSent { b, ok });
             }
-            "bcast_report" => {
-                let expected: u64 = self.bcast.iter().map(|s| s.expected).sum();
-                let received: u64 = self.bcast.iter().map(|s| s.received).sum();
-                emit(json!({
-                    "ev": "bcast_report",
-                    "expected": expected,
-                    "deliveries": received,
-                    "duplicated": self.bcast_duplicated,
-                    "unknown": self.bcast_unknown,
-                    "hist": hist_to_json(&self.bcast_hist),
+            Command::BcastReport => {
+                emit(Event::BcastReport(BcastReport {
+                    expected: self.bcast.iter().map(|s| s.expected).sum(),
+                    deliveries: self.bcast.iter().map(|s| s.received).sum(),
+                    duplicated: self.bcast_duplicated,
+                    unknown: self.bcast_unknown,
+                    hist: hist_counts(&self.bcast_hist),
                 }));
             }
-            "teardown" => self.start_teardown(u("timeout_ns")),
-            "stats" => {
-                let c = &self.counters;
-                emit(json!({
-                    "ev": "stats",
-                    "fail_connect": c.connect, "fail_upgrade": c.upgrade, "fail_login": c.login,
-                    "fail_timeout": c.timeout, "dropped": c.dropped, "protocol_errors": c.protocol,
-                    "unexpected": c.unexpected, "stray": c.stray, "pings": c.pings,
-                }));
+            Command::Teardown { timeout_ns } => self.start_teardown(timeout_ns),
+            Command::Stats => emit(Event::Stats(self.counters)),
+            Command::CalibConnect { addr, n, inflight } => {
+                self.calib = Some(Clients::new(
+                    addr,
+                    self.sources.clone(),
+                    self.base as usize,
+                    n,
+                    inflight,
+                ));
             }
-            "calib_connect" => {
-                let addr: Option<SocketAddrV4> = cmd["addr"].as_str().and_then(|s| s.parse().ok());
-                match addr {
-                    Some(addr) => {
-                        self.calib = Some(Clients::new(
-                            addr,
-                            self.sources.clone(),
-                            self.base as usize,
-                            u("n") as usize,
-                            u("inflight") as usize,
-                        ));
-                    }
-                    None => emit(json!({"ev": "error", "msg": "bad calib addr"})),
-                }
-            }
-            "calib_fanout" => {
+            Command::CalibFanout { round } => {
                 if let Some(c) = self.calib.as_mut() {
-                    c.arm_fanout(u("round") as u32);
+                    c.arm_fanout(round);
                 }
-                emit(json!({"ev": "calib_armed"}));
+                emit(Event::CalibArmed);
             }
-            "calib_oneway" => {
+            Command::CalibOneway {
+                start_ns,
+                rate,
+                count,
+            } => {
                 if let Some(c) = self.calib.as_mut() {
-                    c.start_oneway(u("start_ns"), f("rate"), u("count"));
+                    c.start_oneway(start_ns, rate, count);
                 }
             }
-            "calib_report" => {
-                if let Some(c) = self.calib.as_ref() {
-                    emit(c.report());
-                } else {
-                    emit(json!({"ev": "calib_report"}));
-                }
-            }
-            "calib_close" => {
+            Command::CalibReport => match self.calib.as_ref() {
+                Some(c) => emit(c.report()),
+                None => emit(Event::CalibReport {
+                    sent: 0,
+                    received: 0,
+                    hist: Vec::new(),
+                }),
+            },
+            Command::CalibClose => {
                 if let Some(mut c) = self.calib.take() {
                     c.close_all();
                 }
-                emit(json!({"ev": "calib_closed"}));
+                emit(Event::CalibClosed);
             }
-            "exit" => self.exit = true,
-            other => emit(json!({"ev": "error", "msg": format!("unknown command {other}")})),
+            Command::Exit => self.exit = true,
         }
     }
 
@@ -493,22 +460,22 @@ impl Worker {
     }
 
     fn progress(&self) {
-        if let Some(c) = self.connect.as_ref().filter(|c| !c.reported) {
-            emit(
-                json!({"ev": "progress", "phase": "connect", "done": c.established, "failed": c.failed}),
-            );
+        let (phase, done, failed) = if let Some(c) = self.connect.as_ref().filter(|c| !c.reported) {
+            (Phase::Connect, c.established, c.failed)
         } else if let Some(t) = self.targeted.as_ref().filter(|t| !t.done_sent) {
-            emit(json!({"ev": "progress", "phase": t.label, "done": t.sent,
-                "failed": t.ledger.counts().delivered()}));
+            (t.kind.into(), t.sent, t.ledger.counts().delivered())
         } else if let Some(t) = self.teardown.as_ref().filter(|t| !t.reported) {
-            emit(
-                json!({"ev": "progress", "phase": "teardown", "done": t.clean + t.unclean, "failed": t.unclean}),
-            );
-        } else if let Some(c) = self.calib.as_ref() {
-            if let Some((phase, done)) = c.progress() {
-                emit(json!({"ev": "progress", "phase": phase, "done": done, "failed": 0}));
-            }
-        }
+            (Phase::Teardown, t.clean + t.unclean, t.unclean)
+        } else if let Some((phase, done)) = self.calib.as_ref().and_then(Clients::progress) {
+            (phase, done, 0)
+        } else {
+            return;
+        };
+        emit(Event::Progress {
+            phase,
+            done,
+            failed,
+        });
     }
 
     fn tick_connect(&mut self, now: u64) {
@@ -535,16 +502,13 @@ impl Worker {
         let c = self.connect.as_mut().expect("connect phase");
         if c.next == self.conns.len() && c.inflight == 0 {
             c.reported = true;
-            let elapsed = c.last_ns.saturating_sub(c.t0);
-            emit(json!({
-                "ev": "connect_done",
-                "established": c.established,
-                "failed": c.failed,
-                "t0": c.t0,
-                "last_ns": c.last_ns,
-                "elapsed_ns": elapsed,
-                "rss_bytes": crate::proc_stats::rss_bytes(std::process::id()),
-                "hist": hist_to_json(&c.hist),
+            emit(Event::ConnectDone(ConnectReport {
+                established: c.established,
+                failed: c.failed,
+                t0: c.t0,
+                last_ns: c.last_ns,
+                rss_bytes: crate::proc_stats::rss_bytes(std::process::id()),
+                hist: hist_counts(&c.hist),
             }));
         }
     }
@@ -581,8 +545,8 @@ impl Worker {
 
     /// Prints a diagnostic line to stderr, at most 20 per worker.
     fn log(&mut self, msg: String) {
-        if self.counters.logged < 20 {
-            self.counters.logged += 1;
+        if self.logged < 20 {
+            self.logged += 1;
             eprintln!("flood worker {}: {msg}", self.index);
         }
     }
@@ -617,12 +581,12 @@ impl Worker {
         let attempt = matches!(was, State::Connecting | State::Upgrading | State::LoggingIn);
         let c = &mut self.counters;
         match why {
-            Fail::Connect => c.connect += 1,
-            Fail::Upgrade => c.upgrade += 1,
-            Fail::Login => c.login += 1,
-            Fail::Timeout => c.timeout += 1,
+            Fail::Connect => c.fail_connect += 1,
+            Fail::Upgrade => c.fail_upgrade += 1,
+            Fail::Login => c.fail_login += 1,
+            Fail::Timeout => c.fail_timeout += 1,
             Fail::Dropped => c.dropped += 1,
-            Fail::Protocol => c.protocol += 1,
+            Fail::Protocol => c.protocol_errors += 1,
         }
         if attempt {
             if conn.is_reconnect {
@@ -947,12 +911,15 @@ impl Worker {
         let st = &mut self.bcast[b];
         if !st.done_sent && st.received >= st.expected {
             st.done_sent = true;
-            emit(json!({"ev": "bcast_done", "b": b, "received": st.received,
-                "max_latency_ns": st.max_latency_ns}));
+            emit(Event::BcastDone {
+                b: b as u32,
+                received: st.received,
+                max_latency_ns: st.max_latency_ns,
+            });
         }
     }
 
-    fn send_broadcast(&mut self, b: u64, g: u32) -> bool {
+    fn send_broadcast(&mut self, b: u32, g: u32) -> bool {
         let li = g.wrapping_sub(self.base) as usize;
         if li >= self.conns.len() || self.conns[li].state != State::Ready {
             return false;
@@ -961,16 +928,9 @@ impl Worker {
         self.send_frame(li, ws::OP_TEXT, payload.as_bytes())
     }
 
-    fn start_targeted(&mut self, cmd: &Value) {
-        let u = |k: &str| cmd[k].as_u64().unwrap_or(0);
-        let sched = Schedule::new(
-            u("seed"),
-            self.total,
-            u("msgs") as u32,
-            cmd["rate"].as_f64().unwrap_or(1000.0),
-            cmd["churn"].as_f64().unwrap_or(0.0),
-        );
-        let t0 = u("start_ns");
+    fn start_targeted(&mut self, plan: &TrafficPlan) {
+        let sched = Schedule::new(plan.seed, self.total, plan.msgs, plan.rate, plan.churn);
+        let t0 = plan.start_ns;
         let mine = |g: u32| g >= self.base && g < self.base + self.conns.len() as u32;
         let mut my_sends = Vec::new();
         for j in 0..sched.len() as u32 {
@@ -985,7 +945,7 @@ impl Worker {
             .collect();
         churn_list.sort_unstable();
         self.targeted = Some(TargetedPhase {
-            label: cmd["label"].as_str().unwrap_or("targeted").to_string(),
+            kind: plan.kind,
             sched,
             t0,
             my_sends,
@@ -1045,7 +1005,7 @@ impl Worker {
             && t.reconnected + t.reconnect_failed >= churned_total
         {
             t.done_sent = true;
-            emit(json!({"ev": "targeted_done"}));
+            emit(Event::TargetedDone);
         }
     }
 
@@ -1066,28 +1026,19 @@ impl Worker {
 
     fn report_targeted(&mut self) {
         let Some(t) = self.targeted.take() else {
-            emit(json!({"ev": "targeted_report"}));
+            emit(Event::TargetedReport(Box::default()));
             return;
         };
-        let c = t.ledger.counts();
-        emit(json!({
-            "ev": "targeted_report",
-            "label": t.label,
-            "sent": t.sent,
-            "send_skipped": t.send_skipped,
-            "expected_steady": c.expected_steady,
-            "expected_churned": c.expected_churned,
-            "delivered_steady": c.delivered_steady,
-            "delivered_churned": c.delivered_churned,
-            "duplicated": c.duplicated,
-            "misrouted": c.misrouted,
-            "reordered": c.reordered,
-            "churned_conns": t.churn_list.len(),
-            "reconnected": t.reconnected,
-            "reconnect_failed": t.reconnect_failed,
-            "hist": hist_to_json(&t.hist),
-            "reconnect_hist": hist_to_json(&t.reconnect_hist),
-        }));
+        emit(Event::TargetedReport(Box::new(TrafficReport {
+            counts: *t.ledger.counts(),
+            sent: t.sent,
+            send_skipped: t.send_skipped,
+            churned_conns: t.churn_list.len() as u64,
+            reconnected: t.reconnected,
+            reconnect_failed: t.reconnect_failed,
+            hist: hist_counts(&t.hist),
+            reconnect_hist: hist_counts(&t.reconnect_hist),
+        })));
     }
 
     fn start_teardown(&mut self, timeout_ns: u64) {
@@ -1161,14 +1112,13 @@ impl Worker {
         if t.clean + t.unclean + t.timed_out >= t.closing {
             t.reported = true;
             let last = sys::now_ns();
-            emit(json!({
-                "ev": "teardown_done",
-                "closing": t.closing,
-                "clean": t.clean,
-                "unclean": t.unclean,
-                "timed_out": t.timed_out,
-                "elapsed_ns": last - t.t0,
-                "hist": hist_to_json(&t.hist),
+            emit(Event::TeardownDone(TeardownReport {
+                closing: t.closing,
+                clean: t.clean,
+                unclean: t.unclean,
+                timed_out: t.timed_out,
+                elapsed_ns: last - t.t0,
+                hist: hist_counts(&t.hist),
             }));
         }
     }
