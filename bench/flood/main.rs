@@ -7,9 +7,11 @@
 //! floor. See docs/benchmarks.md.
 
 mod calibrate;
+mod client;
 mod conn;
 mod coordinator;
 mod ledger;
+mod payload;
 mod proc_stats;
 mod proto;
 mod report;
