@@ -13,7 +13,7 @@
 //! The sink (listener, echo, relay, fanout sender) runs in the coordinator
 //! process; the clients run in the workers.
 
-use crate::coordinator::{span_ns, Workers};
+use crate::coordinator::{span_ns, split, Workers};
 use crate::proto::{pick, Command, Event, Phase};
 use crate::report::{hist_counts, merge_counts, new_hist, record, summary_json};
 use crate::schedule::Rng;
@@ -500,6 +500,18 @@ pub struct CalibPlan {
     pub inflight: usize,
 }
 
+/// The floor, as the ratios use it and as the summary prints it.
+pub struct Floor {
+    /// The summary's `calibration` object.
+    pub json: Value,
+    /// Bare connects per second (rounded, as printed).
+    pub connect_per_sec: f64,
+    /// Bare fanout: first write to last receiver, µs (rounded, as printed).
+    pub fanout_us: f64,
+    /// One-way latency through the bare relay (ns).
+    pub oneway: Histogram<u64>,
+}
+
 fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -508,13 +520,13 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Runs the three floor measurements and returns the `calibration` JSON.
-pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histogram<u64>)> {
+/// Runs the three floor measurements.
+pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<Floor> {
     let mut sink = Sink::new()?;
     let k = workers.len();
     // (a') connect + small exchange.
     for w in 0..k {
-        let (lo, hi) = crate::coordinator::split(plan.n, k, w);
+        let (lo, hi) = split(plan.n, k, w);
         workers.send(
             w,
             &Command::CalibConnect {
@@ -587,7 +599,7 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
     if plan.count > 0 {
         let start = sys::now_ns() + 50_000_000;
         for w in 0..k {
-            let (lo, hi) = crate::coordinator::split(plan.count as usize, k, w);
+            let (lo, hi) = split(plan.count as usize, k, w);
             workers.send(
                 w,
                 &Command::CalibOneway {
@@ -629,8 +641,8 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
     let short_writes = sink.short_writes;
     let accepted = sink.accepted();
     drop(sink);
-    Ok((
-        json!({
+    Ok(Floor {
+        json: json!({
             "conns": accepted,
             "requested": plan.n,
             "capped": plan.capped,
@@ -646,6 +658,8 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<(Value, Histog
             "oneway_latency_us": summary_json(&hist),
             "short_writes": short_writes,
         }),
-        hist,
-    ))
+        connect_per_sec: connect_per_sec.round(),
+        fanout_us: fanout_us.round(),
+        oneway: hist,
+    })
 }
