@@ -5,7 +5,7 @@
 //!
 //! `run` is the order of the phases; each phase is one file under
 //! `coordinator/` (calibrate, connect, hold, targeted and churn,
-//! broadcast, teardown), `setup.rs` is everything before them and
+//! broadcast, sweep, teardown), `setup.rs` is everything before them and
 //! `workers.rs` the worker processes and their pipes.
 
 mod broadcast;
@@ -13,6 +13,7 @@ mod calibrate;
 mod connect;
 mod hold;
 mod setup;
+mod sweep;
 mod targeted;
 mod teardown;
 mod workers;
@@ -280,6 +281,10 @@ pub fn run(args: &Args) -> i32 {
     }
     if args.churn > 0.0 && args.msgs > 0 && live {
         targeted::churn(&mut ctx, &mut sum);
+    }
+    // Last before teardown: its last step overloads on purpose.
+    if args.sweep && live {
+        sweep::run(&mut ctx, &mut sum);
     }
 
     teardown::run(&mut ctx, &mut sum);

@@ -22,6 +22,8 @@ pub enum Traffic {
     Targeted,
     /// The churn phase: targeted traffic while some connections reconnect.
     Churn,
+    /// One step of the throughput sweep.
+    Sweep,
 }
 
 impl Traffic {
@@ -29,6 +31,7 @@ impl Traffic {
         match self {
             Traffic::Targeted => "targeted",
             Traffic::Churn => "churn",
+            Traffic::Sweep => "sweep",
         }
     }
 }
@@ -41,6 +44,7 @@ pub enum Phase {
     Connect,
     Targeted,
     Churn,
+    Sweep,
     Teardown,
 }
 
@@ -51,6 +55,7 @@ impl Phase {
             Phase::Connect => "connect",
             Phase::Targeted => "targeted",
             Phase::Churn => "churn",
+            Phase::Sweep => "sweep",
             Phase::Teardown => "teardown",
         }
     }
@@ -61,6 +66,7 @@ impl From<Traffic> for Phase {
         match t {
             Traffic::Targeted => Phase::Targeted,
             Traffic::Churn => Phase::Churn,
+            Traffic::Sweep => Phase::Sweep,
         }
     }
 }
@@ -78,6 +84,14 @@ pub struct TrafficPlan {
     pub churn: f64,
     /// When message 0 is due (CLOCK_MONOTONIC ns, shared by all processes).
     pub start_ns: u64,
+    /// Added to the message index to make the id in a payload (0 but in a
+    /// sweep), so a late message from an earlier run is told apart (stray)
+    /// instead of being checked against this run's schedule.
+    pub id_base: u64,
+    /// A sender this far behind its schedule stops sending the run (sweep
+    /// only: the step has failed to keep up, and waiting for it would only
+    /// make the run longer); the rest count as not sent.
+    pub give_up_lag_ns: Option<u64>,
 }
 
 /// Coordinator to worker.
@@ -102,6 +116,13 @@ pub enum Command {
         timeout_ns: u64,
     },
     Targeted(TrafficPlan),
+    /// How far the current traffic run is (answered by `TargetedTally`).
+    TargetedTally {
+        seq: u64,
+    },
+    /// Send nothing more of the current run (a sweep step whose backlog
+    /// grows); the rest count as given up.
+    TargetedStop,
     /// End the current traffic run and report it.
     TargetedReport,
     /// Broadcast `b` is about to be sent: every ready connection must get it.
@@ -172,6 +193,17 @@ pub struct TrafficReport {
     pub hist: HistCounts,
     /// Connect + upgrade + login latency of the reconnects.
     pub reconnect_hist: HistCounts,
+    /// Sends given up because the sender fell behind or was told to stop
+    /// (sweep only).
+    pub abandoned: u64,
+    /// Whether this worker gave its sends up because it fell behind.
+    pub fell_behind: bool,
+    /// Send time of the last message sent and receive time of the last
+    /// message counted delivered (monotonic ns; 0: none).
+    pub last_send_ns: u64,
+    pub last_recv_ns: u64,
+    /// The latest a message was sent after its scheduled time.
+    pub max_send_lag_ns: u64,
 }
 
 /// A worker's broadcasts.
@@ -265,6 +297,14 @@ pub enum Event {
     /// arrived and every churned connection is back (or failed to be).
     TargetedDone,
     TargetedReport(Box<TrafficReport>),
+    /// Answer to `TargetedTally`: messages sent and counted delivered so
+    /// far, and whether this worker still has messages to send.
+    TargetedTally {
+        seq: u64,
+        sent: u64,
+        delivered: u64,
+        sending: bool,
+    },
     BcastArmed {
         b: u32,
     },
@@ -329,6 +369,8 @@ mod tests {
             rate: 2000.0,
             churn: 0.05,
             start_ns: 123,
+            id_base: 0,
+            give_up_lag_ns: None,
         });
         let line = serde_json::to_string(&cmd).unwrap();
         assert!(

@@ -76,10 +76,7 @@ impl Observer for Phases {
     fn message(&mut self, li: usize, g: u32, body: &[u8], now: u64) -> Delivery {
         match body.first() {
             Some(&payload::TARGETED) => match self.targeted.as_mut() {
-                Some(t) => {
-                    t.on_message(g, body, now);
-                    Delivery::Counted
-                }
+                Some(t) => t.on_message(g, body, now),
                 None => Delivery::Stray,
             },
             Some(&payload::BROADCAST) => self.bcast.on_message(li, body, now),
@@ -224,6 +221,12 @@ impl Worker {
                 self.phases.connect = Some(c);
             }
             Command::Targeted(plan) => self.start_targeted(&plan),
+            Command::TargetedTally { seq } => self.tally_targeted(seq),
+            Command::TargetedStop => {
+                if let Some(t) = self.phases.targeted.as_mut() {
+                    t.give_up();
+                }
+            }
             Command::TargetedReport => self.report_targeted(),
             Command::BcastArm { b } => {
                 let ready = self.client.ready_count();

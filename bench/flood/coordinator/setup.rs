@@ -22,6 +22,19 @@ fn resolve(target: &str) -> Option<SocketAddrV4> {
 /// returns the exit code (2).
 pub fn start(args: &Args) -> Result<Ctx<'_>, i32> {
     let (soft, hard) = sys::raise_nofile_limit();
+    if args.sweep
+        && (args.sweep_rates.is_empty()
+            || args.sweep_rates.contains(&0)
+            || args.sweep_secs.is_nan()
+            || args.sweep_secs <= 0.0
+            || args.sweep_p99_ms.is_nan()
+            || args.sweep_p99_ms <= 0.0)
+    {
+        eprintln!(
+            "corepush-flood: --sweep needs rates above 0 (--sweep-rates), and --sweep-secs and --sweep-p99-ms above 0"
+        );
+        return Err(2);
+    }
     let mut targets = Vec::new();
     for t in &args.targets {
         match resolve(t) {

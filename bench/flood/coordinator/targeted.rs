@@ -24,6 +24,14 @@ pub(super) struct Totals {
     pub reconnect_failed: u64,
     pub hist: Histogram<u64>,
     pub reconnect_hist: Histogram<u64>,
+    /// Sends given up (sweep) and whether a worker gave up for being late;
+    /// the latest send and counted delivery over all workers (ns, 0: none),
+    /// and the latest a send went out.
+    pub abandoned: u64,
+    pub fell_behind: bool,
+    pub last_send_ns: u64,
+    pub last_recv_ns: u64,
+    pub max_send_lag_ns: u64,
 }
 
 impl Totals {
@@ -42,6 +50,11 @@ impl Totals {
             reconnect_failed: r.iter().map(|w| w.reconnect_failed).sum(),
             hist: merged(r.iter().map(|w| &w.hist)),
             reconnect_hist: merged(r.iter().map(|w| &w.reconnect_hist)),
+            abandoned: r.iter().map(|w| w.abandoned).sum(),
+            fell_behind: r.iter().any(|w| w.fell_behind),
+            last_send_ns: r.iter().map(|w| w.last_send_ns).max().unwrap_or(0),
+            last_recv_ns: r.iter().map(|w| w.last_recv_ns).max().unwrap_or(0),
+            max_send_lag_ns: r.iter().map(|w| w.max_send_lag_ns).max().unwrap_or(0),
         }
     }
 }
@@ -105,6 +118,8 @@ fn traffic(ctx: &mut Ctx, kind: Traffic, seed: u64, churn: f64) -> (Value, bool,
         rate: args.msg_rate,
         churn,
         start_ns: start,
+        id_base: 0,
+        give_up_lag_ns: None,
     }));
     let wait = Duration::from_secs_f64(duration + 0.1 + args.drain_secs);
     let done = ctx

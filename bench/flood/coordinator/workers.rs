@@ -145,7 +145,7 @@ impl Workers {
         let rate = done.saturating_sub(self.last_done) as f64 / elapsed.as_secs_f64();
         let (done_what, other_what) = match phase {
             Some(Phase::Connect) => ("established", "failed"),
-            Some(Phase::Targeted | Phase::Churn) => ("sent", "delivered"),
+            Some(Phase::Targeted | Phase::Churn | Phase::Sweep) => ("sent", "delivered"),
             Some(Phase::Teardown) => ("closed", "unclean"),
             Some(Phase::CalibrateConnect) | None => ("connected", "failed"),
         };
