@@ -43,9 +43,6 @@ pub struct Conn {
     pub outbuf: Vec<u8>,
     /// Payload of a fragmented message being reassembled (rare).
     pub frag: Vec<u8>,
-    /// Broadcast id + 1 of the last broadcast received, to count duplicates
-    /// without a per-connection set (broadcasts never overlap).
-    pub last_bcast: u32,
     /// Set while a churned connection is closing to reconnect: when it is
     /// closed it connects again instead of staying closed.
     pub reconnect: bool,
@@ -65,7 +62,6 @@ impl Conn {
             inbuf: Vec::new(),
             outbuf: Vec::new(),
             frag: Vec::new(),
-            last_bcast: 0,
             reconnect: false,
             is_reconnect: false,
             frag_opcode: 0,

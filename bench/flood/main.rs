@@ -7,9 +7,13 @@
 //! floor. See docs/benchmarks.md.
 
 mod calibrate;
+mod client;
 mod conn;
 mod coordinator;
+mod ledger;
+mod payload;
 mod proc_stats;
+mod proto;
 mod report;
 mod schedule;
 mod sys;
@@ -24,8 +28,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Connection-flood benchmark for corepush-protocol WebSocket servers.
 ///
 /// Phases, in order: calibrate (bare TCP floor), connect, hold, targeted,
-/// broadcast, churn, teardown. Exits 1 when any message was lost,
-/// duplicated, misrouted or reordered, or any connection failed.
+/// broadcast, churn, sweep (with --sweep), teardown. Exits 1 when any
+/// message was lost, duplicated, misrouted or reordered, or any connection
+/// failed (a sweep step that misses its latency or rate bar is a
+/// measurement, not a failure).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "corepush-flood", version)]
 pub struct Args {
@@ -87,6 +93,31 @@ pub struct Args {
     /// of targeted traffic (0 skips the churn phase).
     #[arg(long, default_value_t = 0.0)]
     pub churn: f64,
+
+    /// Throughput sweep, run after churn (before teardown): targeted
+    /// traffic stepped up through --sweep-rates, --sweep-secs a step, with
+    /// the targeted phase's checks, until a step is not sustained (p99 above
+    /// --sweep-p99-ms, or sent or delivered per second below 95% of the rate
+    /// asked); reports every step and the highest rate sustained.
+    #[arg(long)]
+    pub sweep: bool,
+
+    /// Sweep steps in msg/s, all workers together, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "5000,10000,20000,40000,80000",
+        requires = "sweep"
+    )]
+    pub sweep_rates: Vec<u32>,
+
+    /// Seconds of traffic per sweep step.
+    #[arg(long, default_value_t = 5.0, requires = "sweep")]
+    pub sweep_secs: f64,
+
+    /// p99 latency (ms) above which a sweep step is not sustained.
+    #[arg(long, default_value_t = 5.0, requires = "sweep")]
+    pub sweep_p99_ms: f64,
 
     /// Skip the bare-TCP calibration.
     #[arg(long)]

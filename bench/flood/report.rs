@@ -4,6 +4,7 @@
 //!
 //! All histograms record nanoseconds; everything printed is microseconds.
 
+use crate::proto::HistCounts;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use std::fmt::Write;
@@ -21,26 +22,29 @@ pub fn record(h: &mut Histogram<u64>, ns: u64) {
     h.saturating_record(ns.clamp(1, 3_600_000_000_000));
 }
 
-/// Raw bucket counts `[[value, count], ...]` for the pipe to the coordinator.
-pub fn hist_to_json(h: &Histogram<u64>) -> Value {
-    let pairs: Vec<Value> = h
-        .iter_recorded()
-        .map(|v| json!([v.value_iterated_to(), v.count_at_value()]))
-        .collect();
-    Value::Array(pairs)
+/// Raw bucket counts, for the pipe to the coordinator.
+pub fn hist_counts(h: &Histogram<u64>) -> HistCounts {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
 }
 
-/// Adds counts sent by `hist_to_json` into `into`.
-pub fn merge_json(into: &mut Histogram<u64>, v: &Value) {
-    if let Some(pairs) = v.as_array() {
-        for p in pairs {
-            let value = p.get(0).and_then(Value::as_u64).unwrap_or(0);
-            let count = p.get(1).and_then(Value::as_u64).unwrap_or(0);
-            if count > 0 {
-                into.saturating_record_n(value.clamp(1, 3_600_000_000_000), count);
-            }
+/// Adds counts made by `hist_counts` into `into`.
+pub fn merge_counts(into: &mut Histogram<u64>, counts: &HistCounts) {
+    for &(value, count) in counts {
+        if count > 0 {
+            into.saturating_record_n(value.clamp(1, 3_600_000_000_000), count);
         }
     }
+}
+
+/// The merge of every histogram in `counts`.
+pub fn merged<'a>(counts: impl IntoIterator<Item = &'a HistCounts>) -> Histogram<u64> {
+    let mut h = new_hist();
+    for c in counts {
+        merge_counts(&mut h, c);
+    }
+    h
 }
 
 fn us(ns: u64) -> f64 {
@@ -207,8 +211,7 @@ mod tests {
         for v in [5_000u64, 7_000, 7_000, 1_000_000] {
             record(&mut a, v);
         }
-        let mut b = new_hist();
-        merge_json(&mut b, &hist_to_json(&a));
+        let b = merged([&hist_counts(&a)]);
         assert_eq!(b.len(), 4);
         assert_eq!(b.value_at_quantile(0.5), a.value_at_quantile(0.5));
         assert_eq!(b.max(), a.max());

@@ -66,23 +66,29 @@ impl Schedule {
     /// actually exercised (fully random pairs almost never repeat).
     pub fn new(seed: u64, conns: u32, msgs: u32, rate: f64, churn: f64) -> Schedule {
         let mut rng = Rng::new(seed);
-        let mut sender = Vec::with_capacity(msgs as usize);
-        let mut recipient = Vec::with_capacity(msgs as usize);
-        let mut next_same_pair = vec![NONE; msgs as usize];
-        let mut last_of_pair: HashMap<(u32, u32), u32> = HashMap::new();
-        for j in 0..msgs {
-            let (s, r) = if j > 0 && rng.below(4) == 0 {
-                (sender[j as usize - 1], recipient[j as usize - 1])
+        let mut pairs: Vec<(u32, u32)> = Vec::with_capacity(msgs as usize);
+        for j in 0..msgs as usize {
+            let pair = if j > 0 && rng.below(4) == 0 {
+                pairs[j - 1]
             } else {
                 (
                     rng.below(conns.into()) as u32,
                     rng.below(conns.into()) as u32,
                 )
             };
-            sender.push(s);
-            recipient.push(r);
-            if let Some(prev) = last_of_pair.insert((s, r), j) {
-                next_same_pair[prev as usize] = j;
+            pairs.push(pair);
+        }
+        Schedule::from_pairs(seed, &pairs, rate, churn)
+    }
+
+    /// The schedule of exactly these (sender, recipient) pairs, message j
+    /// being `pairs[j]`; `seed` and `churn` choose the churned connections.
+    pub fn from_pairs(seed: u64, pairs: &[(u32, u32)], rate: f64, churn: f64) -> Schedule {
+        let mut next_same_pair = vec![NONE; pairs.len()];
+        let mut last_of_pair: HashMap<(u32, u32), u32> = HashMap::new();
+        for (j, &pair) in pairs.iter().enumerate() {
+            if let Some(prev) = last_of_pair.insert(pair, j as u32) {
+                next_same_pair[prev as usize] = j as u32;
             }
         }
         let churn_threshold = if churn <= 0.0 {
@@ -93,8 +99,8 @@ impl Schedule {
             (churn * u64::MAX as f64) as u64
         };
         Schedule {
-            sender,
-            recipient,
+            sender: pairs.iter().map(|p| p.0).collect(),
+            recipient: pairs.iter().map(|p| p.1).collect(),
             next_same_pair,
             interval_ns: 1e9 / rate.max(1e-3),
             churn_threshold,
