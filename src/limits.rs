@@ -22,21 +22,29 @@ pub fn raise_fd_limit() -> io::Result<FdLimit> {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    // SAFETY: getrlimit only writes the struct passed.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let before = lim.rlim_cur;
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+    let raised = raised(lim);
+    if raised.rlim_cur != lim.rlim_cur {
+        // SAFETY: setrlimit only reads the struct passed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
             return Err(io::Error::last_os_error());
         }
     }
     Ok(FdLimit {
-        before,
-        now: lim.rlim_cur,
+        before: lim.rlim_cur,
+        now: raised.rlim_cur,
     })
+}
+
+/// The limit with its soft value raised to the hard one (never lowered).
+fn raised(lim: libc::rlimit) -> libc::rlimit {
+    libc::rlimit {
+        rlim_cur: lim.rlim_cur.max(lim.rlim_max),
+        rlim_max: lim.rlim_max,
+    }
 }
 
 /// Whether an accept error means "out of descriptors" (process or system).
@@ -51,15 +59,30 @@ pub fn is_fd_exhaustion(err: &io::Error) -> bool {
 mod tests {
     use super::*;
 
+    // Raising the real limit is checked on the binary, in a child process
+    // (tests/process.rs), so this test process keeps its own limit.
+
     #[test]
-    fn raising_is_idempotent() {
-        let first = raise_fd_limit().unwrap();
-        let second = raise_fd_limit().unwrap();
-        assert!(first.now >= first.before);
-        assert_eq!(second.before, second.now);
-        assert_eq!(second.now, first.now);
+    fn the_soft_limit_goes_up_to_the_hard_one_and_never_down() {
+        let lim = |cur, max| libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: max,
+        };
+        let up = raised(lim(1024, 20_000));
+        assert_eq!((up.rlim_cur, up.rlim_max), (20_000, 20_000));
+        let same = raised(lim(20_000, 20_000));
+        assert_eq!((same.rlim_cur, same.rlim_max), (20_000, 20_000));
+        let unlimited = raised(lim(1024, libc::RLIM_INFINITY));
+        assert_eq!(unlimited.rlim_cur, libc::RLIM_INFINITY);
+    }
+
+    #[test]
+    fn descriptor_exhaustion_is_told_apart() {
         assert!(is_fd_exhaustion(&io::Error::from_raw_os_error(
             libc::EMFILE
+        )));
+        assert!(is_fd_exhaustion(&io::Error::from_raw_os_error(
+            libc::ENFILE
         )));
         assert!(!is_fd_exhaustion(&io::Error::from_raw_os_error(
             libc::ECONNABORTED

@@ -150,13 +150,21 @@ fn server_pings_silent_clients_and_closes_them_when_silence_lasts() {
         c.ping_interval = Duration::from_millis(100);
         c.idle_timeout = Duration::from_millis(400);
     });
-    // A client that answers pings stays.
+    // A client that answers pings stays, well past the idle timeout.
     let mut good = raw_login(server.addr, "answers");
-    for _ in 0..3 {
+    let start = std::time::Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < Duration::from_millis(1_000) {
         let (op, payload) = read_frame(&mut good).unwrap();
         assert_eq!(op, 9, "a server ping");
         good.write_all(&client_frame(true, 10, &payload)).unwrap();
+        pings += 1;
     }
+    assert!(pings >= 5, "pinged every ~100 ms of silence: {pings}");
+    good.write_all(&client_frame(true, 1, b"answers:still here"))
+        .unwrap();
+    let reply = std::iter::from_fn(|| read_frame(&mut good)).find(|(op, _)| *op != 9);
+    assert_eq!(reply, Some((1, b"still here".to_vec())));
     // A client that never answers is pinged, then closed.
     let mut mute = raw_login(server.addr, "mute");
     assert_eq!(read_frame(&mut mute).unwrap().0, 9);

@@ -65,7 +65,15 @@ fn a_reader_that_stops_reading_is_closed_as_slow_consumer_and_others_go_on() {
     slow.set_read_timeout(Some(PATIENCE)).unwrap();
     assert_eq!(read_close(&mut slow), (1008, "slow consumer".into()));
     server.wait_for("slow uid gone", |s| s.get(Counter::LoggedIn) == 2);
-    let _ = slow.write_all(&client_frame(true, 8, b""));
+    // The server shut its side after the close frame and reads until ours.
+    assert!(
+        read_to_end(&mut slow).is_empty(),
+        "nothing after the close frame"
+    );
+    slow.write_all(&client_frame(true, 8, b""))
+        .expect("the server still reads until the client closes");
+    drop(slow);
+    server.wait_for("slow connection gone", |s| s.get(Counter::Connections) == 2);
 }
 
 #[test]
