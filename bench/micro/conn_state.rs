@@ -25,9 +25,10 @@
 //!
 //! Each measurement runs in a child process of its own (the bench
 //! re-executes itself), three times, and the medians are printed; so no run
-//! reuses memory freed by another and RSS deltas are clean. Live heap bytes
-//! are counted by a wrapper around mimalloc (the server's allocator):
-//! requested sizes, and also what mimalloc really hands out
+//! reuses memory freed by another and RSS deltas are clean (the children
+//! run with `MIMALLOC_ALLOW_THP=0`, or RSS would move in 2 MiB huge pages).
+//! Live heap bytes are counted by a wrapper around mimalloc (the server's
+//! allocator): requested sizes, and also what mimalloc really hands out
 //! (`mi_usable_size`, size-class rounding included).
 //!
 //! Run with `cargo bench --bench conn_state`.
@@ -642,6 +643,9 @@ fn child_tables(m: usize) -> String {
     slab.shrink_if_sparse();
     uids.shrink_if_sparse();
     let t4 = mark();
+    // SAFETY: plain call into the allocator.
+    unsafe { mi_collect(true) };
+    let t5 = mark();
 
     emit(&mut out, "m", m as f64);
     emit_delta(&mut out, "slab", t0, t1, m);
@@ -654,6 +658,7 @@ fn child_tables(m: usize) -> String {
     );
     emit_delta(&mut out, "kept", t0, t3, 1);
     emit_delta(&mut out, "shrunk", t0, t4, 1);
+    emit_delta(&mut out, "returned", t0, t5, 1);
     out
 }
 
@@ -665,6 +670,10 @@ fn run_child(args: &[&str]) -> Figures {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .arg("child")
         .args(args)
+        // mimalloc asks for transparent huge pages by default, so RSS would
+        // move in 2 MiB steps: more than all the connections here hold.
+        // Without them RSS moves by 4 KiB pages; the heap is the same.
+        .env("MIMALLOC_ALLOW_THP", "0")
         .output()
         .expect("run child");
     assert!(
@@ -853,7 +862,8 @@ fn main() {
         );
     }
     println!(
-        "   (RSS after purge: after mi_collect(true), which returns freed pages mimalloc still holds)"
+        "   (RSS after purge: after mi_collect(true), which returns freed pages mimalloc still holds;\n    \
+         4 KiB pages: the children run without transparent huge pages, MIMALLOC_ALLOW_THP=0)"
     );
     println!();
     println!("   breakdown, bytes per connection (requested / as mimalloc hands them out):");
@@ -948,12 +958,16 @@ fn main() {
         tables["total.rss_collected"]
     );
     println!(
-        "after removing all: {} live ({} allocations: slot array, free list, hash table); \
-         after shrink_if_sparse (the sweep): {} live ({} allocations)",
+        "after removing all: {} live ({} allocations: slot array, free list, hash table), RSS {}",
         kib(tables["kept.live"]),
         tables["kept.allocs"],
+        kib(tables["kept.rss"])
+    );
+    println!(
+        "after shrink_if_sparse (the sweep): {} live ({} allocations); RSS {} once mimalloc purged",
         kib(tables["shrunk.live"]),
-        tables["shrunk.allocs"]
+        tables["shrunk.allocs"],
+        kib(tables["returned.rss"])
     );
     println!();
     let at = big["conn.usable"];
