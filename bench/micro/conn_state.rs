@@ -457,7 +457,7 @@ fn child_full(n: usize) -> String {
     let mut shard = Shard::new(
         inbox,
         router,
-        config.limits(),
+        Arc::new(config.rules().expect("rules")),
         config.max_outbound_bytes,
         stats.clone(),
     );
