@@ -13,6 +13,7 @@ pub fn run(ctx: &mut Ctx, sum: &mut Summary, connected: &Connected) {
     let established = connected.established;
     let (rss_before, tcp_before) = (connected.rss_before, connected.tcp_before);
     let mut rss_peak = rss_before.unwrap_or(0);
+    let mark = ctx.cpu_mark();
     if args.hold_secs > 0.0 {
         println!(
             "\n== hold: {} s idle with {established} connections",
@@ -27,6 +28,9 @@ pub fn run(ctx: &mut Ctx, sum: &mut Summary, connected: &Connected) {
             }
         }
     }
+    // An idle server should use no CPU at all.
+    let idle_cpu = (args.hold_secs > 0.0).then(|| mark.report(ctx));
+    sum.set("hold", json!({"secs": args.hold_secs, "cpu": idle_cpu}));
     let rss_after = proc_stats::total_rss(&ctx.server_pids);
     let tcp_after = proc_stats::tcp_mem_bytes();
     let per_conn = |a: Option<u64>, b: Option<u64>| match (a, b) {
