@@ -65,6 +65,32 @@ pub struct Cli {
     #[arg(long, value_parser = parse_ms, default_value = "2000")]
     pub close_timeout_ms: Duration,
 
+    /// Messages one client may send per second (0: no limit); over it the
+    /// connection is closed with 1008 "rate limit".
+    #[arg(long, default_value_t = 0)]
+    pub max_client_rate: u16,
+
+    /// Connections the whole server holds (0: as many as descriptors allow);
+    /// an upgrade over it is answered with HTTP 503.
+    #[arg(long, default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Connections one IP address may hold (0: no limit); over it, HTTP 503.
+    #[arg(long, default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Bytes of incomplete input (requests, frames, fragmented messages) one
+    /// shard holds for all its connections; past it the connections holding
+    /// the most are closed with 1013, so slow senders cannot pin memory.
+    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    pub max_pending_bytes: usize,
+
+    /// Messages that may wait in a shard's inbox. When messages for another
+    /// shard do not fit, the sending shard keeps them and stops reading the
+    /// connections that send them until there is room (no message dropped).
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub inbox_capacity: usize,
+
     /// Require signed logins: the first message must be a JWT signed with
     /// HS256 and this secret, whose `sub` is the uid and whose `exp` has not
     /// passed. Without it the first message is the uid itself, which anyone
@@ -146,6 +172,11 @@ impl Cli {
             ping_interval: self.ping_interval_ms,
             idle_timeout: self.idle_timeout_ms,
             close_timeout: self.close_timeout_ms,
+            max_client_rate: self.max_client_rate,
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_pending_bytes: self.max_pending_bytes,
+            inbox_capacity: self.inbox_capacity,
             login_secret: self.login_secret,
             client_sends: match self.client_sends {
                 ClientSendsArg::Any => ClientSends::Any,

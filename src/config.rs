@@ -35,6 +35,22 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How long the server waits for the client once its close is out.
     pub close_timeout: Duration,
+    /// Messages one client may send per second (0: no limit); over it the
+    /// connection closes with 1008 `rate limit`.
+    pub max_client_rate: u16,
+    /// Connections the whole server holds (0: as many as descriptors
+    /// allow); an upgrade over it is answered with 503.
+    pub max_connections: usize,
+    /// Connections one IP address may hold (0: no limit); over it, 503.
+    pub max_connections_per_ip: usize,
+    /// Bytes of incomplete input (requests, frames, fragmented messages) a
+    /// shard holds for all its connections; past it the connections holding
+    /// the most close with 1013.
+    pub max_pending_bytes: usize,
+    /// Messages that may wait in a shard's inbox; a shard whose messages do
+    /// not fit holds them and stops reading the connections that send them
+    /// until there is room (backpressure, never a drop).
+    pub inbox_capacity: usize,
     /// When set, a login must be an HS256 JWT signed with this secret whose
     /// `sub` is the uid; otherwise the uid itself (trusted networks only).
     pub login_secret: Option<String>,
@@ -63,6 +79,11 @@ impl Default for Config {
             ping_interval: Duration::from_millis(limits.ping_interval_ms),
             idle_timeout: Duration::from_millis(limits.idle_timeout_ms),
             close_timeout: Duration::from_millis(limits.close_timeout_ms),
+            max_client_rate: 0,
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            max_pending_bytes: 64 * 1024 * 1024,
+            inbox_capacity: 16 * 1024,
             login_secret: None,
             client_sends: ClientSends::Any,
             runtime: Runtime::Uring,
@@ -109,6 +130,7 @@ impl Config {
             ping_interval_ms: ms(self.ping_interval),
             idle_timeout_ms: ms(self.idle_timeout),
             close_timeout_ms: ms(self.close_timeout),
+            max_client_rate: self.max_client_rate,
         }
     }
 

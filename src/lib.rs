@@ -32,9 +32,11 @@
 //! - [`router`]: the home shard of a uid, and the inboxes between shards
 //!   (and from threads that are not shards), which also carry a connection
 //!   and its session to its uid's home at login.
+//! - [`admission`]: the server-wide and per-address connection caps.
 //! - [`stats`]: per-shard counters. [`config`], [`limits`]: settings and
 //!   the open-file limit.
 
+pub mod admission;
 pub mod auth;
 pub mod config;
 pub mod driver;

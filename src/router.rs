@@ -37,7 +37,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Or
 use std::sync::Arc;
 
 use atomic_waker::AtomicWaker;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::outbox::Outbox;
 use crate::session::frame::Frame;
@@ -153,6 +153,9 @@ pub struct Arrival {
     /// In `Phase::LoggingIn`, with any bytes read behind the login.
     pub session: Session,
     pub outbox: Outbox,
+    /// It holds a place in the admission counts, and from which address.
+    pub admitted: bool,
+    pub address: Option<std::net::IpAddr>,
 }
 
 /// The uid's 64-bit FNV-1a hash: stable across runs, machines and builds
@@ -191,6 +194,15 @@ pub struct Router {
     inboxes: Arc<[Inbox]>,
 }
 
+/// Why a message could not be queued; it is given back.
+#[derive(Debug)]
+pub enum PushError {
+    /// The inbox is full: try again once the shard has drained some.
+    Full(ShardMsg),
+    /// The shard has stopped.
+    Stopped(ShardMsg),
+}
+
 /// A shard's end of its inbox.
 #[derive(Debug)]
 pub struct InboxReceiver {
@@ -200,12 +212,13 @@ pub struct InboxReceiver {
 }
 
 impl Router {
-    /// Builds the router and one receiver per shard.
-    pub fn new(shards: usize) -> io::Result<(Router, Vec<InboxReceiver>)> {
+    /// Builds the router and one receiver per shard, whose inbox holds at
+    /// most `capacity` messages.
+    pub fn new(shards: usize, capacity: usize) -> io::Result<(Router, Vec<InboxReceiver>)> {
         let mut inboxes = Vec::with_capacity(shards);
         let mut receivers = Vec::with_capacity(shards);
         for _ in 0..shards {
-            let (tx, rx) = crossbeam_channel::unbounded();
+            let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
             // SAFETY: eventfd returns a new descriptor that we own, or -1.
             let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
             if fd < 0 {
@@ -246,9 +259,15 @@ impl Router {
 
     /// Queues `msg` for shard `to` without waking it; the caller asks
     /// [`Router::take_wakeup`] once it has queued what it has. Gives the
-    /// message back when that shard has stopped.
-    pub fn push(&self, to: ShardId, msg: ShardMsg) -> Result<(), ShardMsg> {
-        self.inboxes[to as usize].tx.send(msg).map_err(|e| e.0)
+    /// message back when the inbox is full or the shard has stopped.
+    pub fn push(&self, to: ShardId, msg: ShardMsg) -> Result<(), PushError> {
+        self.inboxes[to as usize]
+            .tx
+            .try_send(msg)
+            .map_err(|e| match e {
+                TrySendError::Full(msg) => PushError::Full(msg),
+                TrySendError::Disconnected(msg) => PushError::Stopped(msg),
+            })
     }
 
     /// After pushes to `to`: whether it sleeps and must be woken. True once
@@ -268,9 +287,25 @@ impl Router {
     }
 
     /// Queues `msg` for shard `to` and wakes it if it sleeps: for threads
-    /// that are not shards. Gives the message back when the shard stopped.
-    pub fn send(&self, to: ShardId, msg: ShardMsg) -> Result<(), ShardMsg> {
-        self.push(to, msg)?;
+    /// that are not shards. While the inbox is full the calling thread
+    /// waits (backpressure on the HTTP API or the cluster bus, never a
+    /// drop). Gives the message back when the shard stopped.
+    pub fn send(&self, to: ShardId, mut msg: ShardMsg) -> Result<(), ShardMsg> {
+        let mut pause = std::time::Duration::from_micros(20);
+        loop {
+            match self.push(to, msg) {
+                Ok(()) => break,
+                Err(PushError::Stopped(back)) => return Err(back),
+                Err(PushError::Full(back)) => {
+                    msg = back;
+                    if self.take_wakeup(to) {
+                        self.wake(to);
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(5));
+                }
+            }
+        }
         if self.take_wakeup(to) {
             self.wake(to);
         }
@@ -379,7 +414,7 @@ mod tests {
 
     #[test]
     fn wakes_only_a_sleeping_shard_once_per_sleep() {
-        let (router, mut rx) = Router::new(1).unwrap();
+        let (router, mut rx) = Router::new(1, 16).unwrap();
         let rx = rx.remove(0);
 
         router.send(0, ShardMsg::Shutdown).unwrap();
@@ -405,6 +440,19 @@ mod tests {
     }
 
     #[test]
+    fn a_full_inbox_gives_the_message_back() {
+        let (router, rx) = Router::new(1, 2).unwrap();
+        router.push(0, ShardMsg::Shutdown).unwrap();
+        router.push(0, ShardMsg::Shutdown).unwrap();
+        assert!(matches!(
+            router.push(0, ShardMsg::Shutdown),
+            Err(PushError::Full(ShardMsg::Shutdown))
+        ));
+        assert!(rx[0].try_recv().is_some());
+        router.push(0, ShardMsg::Shutdown).expect("room again");
+    }
+
+    #[test]
     fn a_tally_sums_its_acks_and_counts_a_dropped_one_as_zero() {
         let (tally, mut acks) = Tally::new(3);
         acks.pop().unwrap().done(5);
@@ -416,7 +464,7 @@ mod tests {
 
     #[test]
     fn a_stopped_shard_gives_the_message_back() {
-        let (router, rx) = Router::new(2).unwrap();
+        let (router, rx) = Router::new(2, 16).unwrap();
         drop(rx);
         assert!(matches!(
             router.send(1, ShardMsg::Shutdown),

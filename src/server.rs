@@ -12,13 +12,13 @@ use std::thread::JoinHandle;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::driver::{uring, Runtime};
 use crate::limits::{self, FdLimit};
 use crate::push::Pusher;
 use crate::router::{InboxReceiver, Router, ShardId, ShardMsg};
-use crate::session::Rules;
-use crate::shard::Shard;
+use crate::shard::{Shard, ShardSettings};
 use crate::stats::{ShardStats, Snapshot};
 
 /// A running server.
@@ -44,9 +44,13 @@ impl ShutdownTrigger {
 }
 
 /// Binds the listeners and starts the shards. Fails, with every shard that
-/// did start stopped again, when the address is taken or a shard cannot
-/// set up its event loop.
+/// did start stopped again and every descriptor closed, when the address is
+/// taken or a shard cannot set up its event loop.
 pub fn start(config: Config) -> io::Result<ServerHandle> {
+    start_shards(config).map_err(explain_start_failure)
+}
+
+fn start_shards(config: Config) -> io::Result<ServerHandle> {
     let fd_limit = limits::raise_fd_limit()?;
     let shards = config.shard_count();
     if shards > ShardId::MAX as usize {
@@ -66,7 +70,16 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
         .as_socket()
         .expect("an IP listener has an IP address");
 
-    let (router, inboxes) = Router::new(shards)?;
+    let (router, inboxes) = Router::new(shards, config.inbox_capacity)?;
+    let settings = ShardSettings {
+        rules,
+        admission: Arc::new(Admission::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+        )),
+        max_outbound_bytes: config.max_outbound_bytes,
+        max_pending_bytes: config.max_pending_bytes,
+    };
     let cpus = allowed_cpus();
     let mut stats = Vec::with_capacity(shards);
     let mut threads = Vec::with_capacity(shards);
@@ -78,7 +91,7 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
         let cpu = (!config.no_pin).then(|| cpus[i % cpus.len()]);
         let shard = ShardStart {
             config: config.clone(),
-            rules: rules.clone(),
+            settings: settings.clone(),
             router: router.clone(),
             inbox,
             stats: shard_stats,
@@ -108,7 +121,7 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
     if let Some(error) = failure {
         // Stop the shards that did start; their listeners close with them.
         let _ = server.shutdown();
-        return Err(explain_start_failure(error));
+        return Err(error);
     }
     Ok(server)
 }
@@ -116,7 +129,7 @@ pub fn start(config: Config) -> io::Result<ServerHandle> {
 /// What a shard's thread needs.
 struct ShardStart {
     config: Config,
-    rules: Arc<Rules>,
+    settings: ShardSettings,
     router: Router,
     inbox: InboxReceiver,
     stats: Arc<ShardStats>,
@@ -131,13 +144,7 @@ impl ShardStart {
             pin_to(cpu);
         }
         let options = self.config.driver_options();
-        let shard = Shard::new(
-            self.inbox,
-            self.router,
-            self.rules,
-            self.config.max_outbound_bytes,
-            self.stats,
-        );
+        let shard = Shard::new(self.inbox, self.router, self.settings, self.stats);
         match self.config.runtime {
             Runtime::Uring => match uring::Driver::new(&shard, self.listener, options) {
                 Ok(driver) => {
@@ -146,7 +153,7 @@ impl ShardStart {
                     driver.run(shard)
                 }
                 Err(e) => {
-                    let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    let _ = ready.send(Err(copy_error(&e)));
                     Err(e)
                 }
             },
@@ -162,6 +169,14 @@ impl ShardStart {
     }
 }
 
+/// A copy of an error (io::Error is not Clone), keeping its OS error code.
+fn copy_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
 /// Adds what to do to the errors a shard's event loop meets at start.
 fn explain_start_failure(error: io::Error) -> io::Error {
     match error.raw_os_error() {
@@ -171,6 +186,13 @@ fn explain_start_failure(error: io::Error) -> io::Error {
                 "a shard could not set up io_uring ({error}): each shard needs about \
                  3 MiB of locked memory for its rings and buffers; raise `ulimit -l` \
                  (systemd: LimitMEMLOCK=) or use fewer --shards"
+            ),
+        ),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => io::Error::new(
+            error.kind(),
+            format!(
+                "cannot open the descriptors the server needs to start ({error}): \
+                 the open-file limit is too low; raise `ulimit -n` (systemd: LimitNOFILE=)"
             ),
         ),
         Some(libc::ENOSYS) => io::Error::new(

@@ -58,12 +58,22 @@ pub enum Counter {
     Timeouts,
     /// Connections closed for a framing or protocol violation.
     ProtocolErrors,
+    /// Connections closed for sending over `--max-client-rate`.
+    RateLimited,
+    /// Upgrades answered with 503 because the server was full
+    /// (`--max-connections`, `--max-connections-per-ip`).
+    ConnectionsRefused,
+    /// Connections closed with 1013 because the shard held too much
+    /// incomplete input (`--max-pending-bytes`).
+    PendingShed,
+    /// Messages held back because another shard's inbox was full.
+    InboxFull,
     /// Frames that had to wait in user space because a socket was full.
     FramesQueued,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 26] = [
+    pub const ALL: [Counter; 30] = [
         Counter::Connections,
         Counter::LoggedIn,
         Counter::LocalUids,
@@ -89,6 +99,10 @@ impl Counter {
         Counter::SlowConsumers,
         Counter::Timeouts,
         Counter::ProtocolErrors,
+        Counter::RateLimited,
+        Counter::ConnectionsRefused,
+        Counter::PendingShed,
+        Counter::InboxFull,
         Counter::FramesQueued,
     ];
 
@@ -120,6 +134,10 @@ impl Counter {
             Counter::SlowConsumers => "slow_consumers",
             Counter::Timeouts => "timeouts",
             Counter::ProtocolErrors => "protocol_errors",
+            Counter::RateLimited => "rate_limited",
+            Counter::ConnectionsRefused => "connections_refused",
+            Counter::PendingShed => "pending_shed",
+            Counter::InboxFull => "inbox_full",
             Counter::FramesQueued => "frames_queued",
         }
     }

@@ -24,8 +24,10 @@ struct ServerProcess {
 impl ServerProcess {
     fn start(args: &[&str], fd_limit: Option<u64>) -> ServerProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_corepush"));
-        cmd.args(["--listen", "127.0.0.1:0"])
-            .args(args)
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -227,6 +229,112 @@ fn out_of_descriptors_keeps_serving_and_resumes_accepting() {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
 }
 
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_second_server_on_a_served_address_refuses_to_start() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let first = ServerProcess::start(&["--listen", &listen, "--shards", "2"], None);
+    let second = Command::new(env!("CARGO_BIN_EXE_corepush"))
+        .args(["--listen", &listen, "--shards", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(err.contains("already in use by another process"), "{err}");
+    // The first one still gets every connection: uids on both of its
+    // shards see each other's messages.
+    let mut clients: Vec<Ws> = (0..20)
+        .map(|i| login(first.addr, &format!("only-{i}")))
+        .collect();
+    for i in 0..20 {
+        send_text(&mut clients[i], &format!("only-{}:from {i}", (i + 1) % 20));
+    }
+    for i in 0..20 {
+        assert_eq!(recv_text(&mut clients[(i + 1) % 20]), format!("from {i}"));
+    }
+}
+
+/// The descriptor numbers this process has open.
+fn open_fds() -> Vec<u32> {
+    let mut fds: Vec<u32> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    // The directory being read had one too; it is closed now.
+    fds.retain(|&fd| {
+        // SAFETY: fcntl(F_GETFD) only asks whether the descriptor is open.
+        let flags = unsafe { libc::fcntl(fd as i32, libc::F_GETFD) };
+        flags != -1
+    });
+    fds
+}
+
+/// Run by `a_failed_start_closes_what_it_opened` in a process of its own,
+/// whose open-file limit it lowers so the second shard cannot set up its
+/// ring.
+#[test]
+#[ignore = "run in a child process by a_failed_start_closes_what_it_opened"]
+fn child_of_a_failed_start() {
+    let port = free_port();
+    let before = open_fds();
+    // The open-file limit caps descriptor numbers: leave exactly five free
+    // numbers below it, so one ring fits and not two (listeners 2,
+    // eventfds 2, rings 2).
+    let mut limit = 0u64;
+    let mut free = 0;
+    while free < 5 {
+        if !before.contains(&(limit as u32)) {
+            free += 1;
+        }
+        limit += 1;
+    }
+    let lim = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: setrlimit only reads the struct; lowering is always allowed.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    let config = corepush::Config {
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        shards: 2,
+        ..corepush::Config::default()
+    };
+    let error = corepush::start(config).err().expect("a shard cannot start");
+    assert!(error.to_string().contains("ulimit -n"), "{error}");
+    assert_eq!(open_fds(), before, "every descriptor it opened is closed");
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free again");
+}
+
+#[test]
+fn a_failed_start_closes_what_it_opened() {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "child_of_a_failed_start",
+            "--nocapture",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1 passed"), "the child ran: {text}");
+}
+
 #[test]
 fn help_documents_every_flag() {
     let out = Command::new(env!("CARGO_BIN_EXE_corepush"))
@@ -246,6 +354,15 @@ fn help_documents_every_flag() {
         "--ping-interval-ms",
         "--idle-timeout-ms",
         "--close-timeout-ms",
+        "--max-client-rate",
+        "--max-connections",
+        "--max-connections-per-ip",
+        "--max-pending-bytes",
+        "--inbox-capacity",
+        "--login-secret",
+        "--client-sends",
+        "--runtime",
+        "--idle-poll-us",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
     }

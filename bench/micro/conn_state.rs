@@ -46,11 +46,12 @@ use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use corepush::admission::Admission;
 use corepush::limits;
 use corepush::router::Router;
 use corepush::shard::slab::{Key, Slab};
 use corepush::shard::uid_table::UidTable;
-use corepush::shard::{Conn, Io, Shard};
+use corepush::shard::{Conn, Io, Shard, ShardSettings};
 use corepush::stats::{Counter, ShardStats};
 use corepush::Config;
 use mimalloc::MiMalloc;
@@ -450,17 +451,17 @@ fn child_full(n: usize) -> String {
     let mut out = String::with_capacity(64 * 1024);
     let before_shard = mark();
     let config = Config::default();
-    let (router, mut inboxes) = Router::new(1).expect("router");
+    let (router, mut inboxes) = Router::new(1, 1024).expect("router");
     let inbox = inboxes.pop().expect("one inbox");
     drop(inboxes);
     let stats = Arc::new(ShardStats::default());
-    let mut shard = Shard::new(
-        inbox,
-        router,
-        Arc::new(config.rules().expect("rules")),
-        config.max_outbound_bytes,
-        stats.clone(),
-    );
+    let settings = ShardSettings {
+        rules: Arc::new(config.rules().expect("rules")),
+        admission: Arc::new(Admission::new(0, 0)),
+        max_outbound_bytes: config.max_outbound_bytes,
+        max_pending_bytes: config.max_pending_bytes,
+    };
+    let mut shard = Shard::new(inbox, router, settings, stats.clone());
     let after_shard = mark();
 
     // Bench scaffolding, allocated and touched before the baseline.

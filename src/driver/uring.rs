@@ -49,6 +49,9 @@ const CQ_ENTRIES: u32 = 4 * SQ_ENTRIES;
 const BUFFERS: u16 = 512;
 const BUFFER_SIZE: usize = 4096;
 const BUFFER_GROUP: u16 = 0;
+/// How soon a shard whose messages wait for room in another shard's inbox
+/// tries again, when nothing else wakes it.
+const BACKED_UP_RETRY: Duration = Duration::from_micros(200);
 /// Completions copied out of the ring at a time.
 const CQE_BATCH: usize = 256;
 
@@ -151,7 +154,11 @@ impl Driver {
                 break;
             }
             let until = self.accept_resume_at.unwrap_or(u64::MAX).min(next_sweep);
-            self.wait(&shard, Duration::from_millis(until.saturating_sub(now)))?;
+            let mut timeout = Duration::from_millis(until.saturating_sub(now));
+            if shard.is_backed_up() {
+                timeout = timeout.min(BACKED_UP_RETRY);
+            }
+            self.wait(&shard, timeout)?;
         }
         self.finish(&shard)
     }

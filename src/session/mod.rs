@@ -68,6 +68,9 @@ pub enum CloseReason {
     SlowConsumer,
     /// The server is stopping: 1001, or 503 before the upgrade.
     Shutdown,
+    /// The shard holds too much incomplete input, this session the most:
+    /// 1013, or 503 before the upgrade.
+    TooMuchPending,
 }
 
 /// What a session asks of the shard. Borrowed payloads point into the bytes
@@ -111,6 +114,9 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// How long to wait for the client once our close is out, ms.
     pub close_timeout_ms: u64,
+    /// Messages a logged-in client may send per second (0: no limit);
+    /// over it the connection closes with 1008 `rate limit`.
+    pub max_client_rate: u16,
 }
 
 impl Default for Limits {
@@ -122,6 +128,7 @@ impl Default for Limits {
             ping_interval_ms: 25_000,
             idle_timeout_ms: 60_000,
             close_timeout_ms: 2_000,
+            max_client_rate: 0,
         }
     }
 }
@@ -152,6 +159,12 @@ pub struct Session {
     phase: Phase,
     /// A Ping went out since the last bytes came in.
     ping_sent: bool,
+    /// The server is full: the upgrade is answered with 503.
+    refused: bool,
+    /// The second (shard clock, wrapping) of the last message, and how many
+    /// messages came in that second, for `max_client_rate`.
+    rate_second: u16,
+    rate_count: u16,
     /// When the current phase must end (Handshake, Login, LoggingIn,
     /// Closing, Draining), in the shard's ms; unused while open.
     deadline: u64,
@@ -205,6 +218,9 @@ impl Default for Session {
         Session {
             phase: Phase::Done,
             ping_sent: false,
+            refused: false,
+            rate_second: 0,
+            rate_count: 0,
             deadline: 0,
             last_rx: 0,
             partial: None,
@@ -218,9 +234,21 @@ impl Session {
         Session {
             phase: Phase::Handshake,
             ping_sent: false,
+            refused: false,
+            rate_second: 0,
+            rate_count: 0,
             deadline: now.saturating_add(rules.limits.handshake_timeout_ms),
             last_rx: now,
             partial: None,
+        }
+    }
+
+    /// A connection the server has no room for: its upgrade request is
+    /// read and answered with 503, then it closes.
+    pub fn refused(now: u64, rules: &Rules) -> Session {
+        Session {
+            refused: true,
+            ..Session::new(now, rules)
         }
     }
 
@@ -312,6 +340,16 @@ impl Session {
             (CloseReason::Shutdown, _) => {
                 let reason = "server shutting down";
                 self.close_with(now, rules, close_code::GOING_AWAY, reason, out);
+            }
+            (CloseReason::TooMuchPending, phase) => {
+                out(Action::Count(Counter::PendingShed));
+                if phase == Phase::Handshake {
+                    let response = http_status(503, "Service Unavailable");
+                    self.reject_http(now, rules, response, out);
+                } else {
+                    let reason = "server busy: too much incomplete input";
+                    self.close_with(now, rules, close_code::TRY_AGAIN_LATER, reason, out);
+                }
             }
             (CloseReason::SlowConsumer, _) => {
                 out(Action::Count(Counter::SlowConsumers));
@@ -438,6 +476,11 @@ impl Session {
             Outcome::Incomplete => {}
             Outcome::Reject { response, .. } => {
                 out(Action::Count(Counter::HandshakeFailed));
+                self.reject_http(now, rules, response, out);
+            }
+            Outcome::Upgrade { .. } if self.refused => {
+                out(Action::Count(Counter::ConnectionsRefused));
+                let response = http_status(503, "Service Unavailable");
                 self.reject_http(now, rules, response, out);
             }
             Outcome::Upgrade { response, consumed } => {
@@ -654,6 +697,11 @@ impl Session {
             },
             Phase::Open => {
                 out(Action::Count(Counter::MessagesIn));
+                if self.over_rate(now, rules.limits.max_client_rate) {
+                    out(Action::Count(Counter::RateLimited));
+                    self.close_with(now, rules, close_code::POLICY, "rate limit", out);
+                    return;
+                }
                 let send = protocol::parse_send(payload);
                 let refused = send
                     .as_ref()
@@ -683,6 +731,20 @@ impl Session {
             }
             _ => {}
         }
+    }
+
+    /// Counts a message against the per-second limit; true when over it.
+    fn over_rate(&mut self, now: u64, limit: u16) -> bool {
+        if limit == 0 {
+            return false;
+        }
+        let second = (now / 1000) as u16;
+        if second != self.rate_second {
+            self.rate_second = second;
+            self.rate_count = 0;
+        }
+        self.rate_count = self.rate_count.saturating_add(1);
+        self.rate_count > limit
     }
 
     // ---- closing ----

@@ -21,13 +21,16 @@
 pub mod slab;
 pub mod uid_table;
 
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::admission::Admission;
 use crate::outbox::{Outbox, Wrote};
 use crate::protocol;
-use crate::router::{Arrival, InboxReceiver, Origin, Router, ShardId, ShardMsg};
+use crate::router::{Arrival, InboxReceiver, Origin, PushError, Router, ShardId, ShardMsg};
 use crate::session::frame::{self, Frame, Opcode};
 use crate::session::{Action, CloseReason, Phase, Rules, Session};
 use crate::stats::{Counter, ShardStats};
@@ -42,13 +45,14 @@ const INBOX_BATCH: usize = 1024;
 #[derive(Debug)]
 pub enum Io {
     /// Start reading this socket: a connection adopted from another shard,
-    /// or one whose reads were stopped for a move that did not happen.
+    /// one whose reads were paused, or one whose move did not happen.
     Read(Key, RawFd),
     /// The socket refused a write: call [`Shard::on_writable`] when it has
     /// room.
     WatchWrite(Key, RawFd),
-    /// The connection moves to another shard: stop reading its socket, and
-    /// call [`Shard::on_reads_stopped`] once no more bytes can arrive here.
+    /// Stop reading this socket (the connection moves to another shard, or
+    /// its messages wait for room in a full inbox), and call
+    /// [`Shard::on_reads_ended`] once no more bytes can arrive.
     StopReading(Key),
     /// The connection is gone: stop reading and watching it (`watching`
     /// says whether a write watch is pending) and close the socket.
@@ -61,7 +65,17 @@ pub enum Io {
     StopAccepting,
 }
 
-/// One connection as the shard holds it: 64 bytes, plus the outbox's queue
+/// Whether the driver reads a connection's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    On,
+    /// Asked to stop; bytes may still arrive until the driver reports the
+    /// reads ended.
+    Stopping,
+    Off,
+}
+
+/// One connection as the shard holds it: 72 bytes, plus the outbox's queue
 /// and the session's partial buffers only while they are needed.
 #[derive(Debug)]
 pub struct Conn {
@@ -85,16 +99,64 @@ pub struct Conn {
     /// In `troubled`: over its outbound limit, or its socket failed.
     slow: bool,
     broken: bool,
+    reads: Reads,
+    /// Not read while messages it sent wait for room in another shard's
+    /// inbox (backpressure).
+    paused: bool,
+    /// Holds a place in the server's admission counts, released when it
+    /// closes.
+    admitted: bool,
+}
+
+impl Conn {
+    fn new(fd: OwnedFd, session: Session, out: Outbox, admitted: bool) -> Conn {
+        Conn {
+            fd,
+            session,
+            out,
+            uid: None,
+            registered: false,
+            moving: false,
+            watching: false,
+            shut_write: false,
+            slow: false,
+            broken: false,
+            reads: Reads::On,
+            paused: false,
+            admitted,
+        }
+    }
+}
+
+/// What every shard of a server shares.
+#[derive(Debug, Clone)]
+pub struct ShardSettings {
+    /// What every session obeys.
+    pub rules: Arc<Rules>,
+    /// The server-wide and per-address connection caps.
+    pub admission: Arc<Admission>,
+    /// Bytes that may wait in user space for one connection.
+    pub max_outbound_bytes: usize,
+    /// Bytes of incomplete input this shard may hold for all its sessions.
+    pub max_pending_bytes: usize,
 }
 
 pub struct Shard {
     pub id: ShardId,
     pub stats: Arc<ShardStats>,
-    /// What every session obeys (shared with the shard's other threads'
-    /// shards; cloned, not copied, into each call).
+    /// What every session obeys (shared with the other shards; the `Arc`
+    /// is cloned into each call, the rules are not copied).
     rules: Arc<Rules>,
+    admission: Arc<Admission>,
     /// Bytes that may wait in user space for one connection.
     max_outbound_bytes: usize,
+    /// Bytes of incomplete input the sessions may hold together, and what
+    /// they hold now.
+    max_pending_bytes: usize,
+    pending_bytes: usize,
+    /// The peer address of each connection, kept only while the
+    /// per-address cap is on (to release its count when it closes).
+    addresses: HashMap<Key, IpAddr>,
     router: Router,
     inbox: InboxReceiver,
     conns: Slab<Conn>,
@@ -117,6 +179,14 @@ pub struct Shard {
     due: Vec<Key>,
     /// The recipients of the message being delivered, reused.
     recipients: Vec<Key>,
+    /// Messages for shards whose inbox was full, in order, per shard; they
+    /// go before any newer message for that shard.
+    overflow: Vec<VecDeque<ShardMsg>>,
+    /// A message went to `overflow` during the current event: the
+    /// connection that sent it is paused.
+    overflowed: bool,
+    /// Connections paused until `overflow` drains.
+    paused: Vec<Key>,
     /// Shutting down: no new connections, and done when none is left.
     stopping: bool,
 }
@@ -125,16 +195,19 @@ impl Shard {
     pub fn new(
         inbox: InboxReceiver,
         router: Router,
-        rules: Arc<Rules>,
-        max_outbound_bytes: usize,
+        settings: ShardSettings,
         stats: Arc<ShardStats>,
     ) -> Shard {
         let shards = router.shards();
         Shard {
             id: inbox.id(),
             stats,
-            rules,
-            max_outbound_bytes,
+            rules: settings.rules,
+            admission: settings.admission,
+            max_outbound_bytes: settings.max_outbound_bytes,
+            max_pending_bytes: settings.max_pending_bytes,
+            pending_bytes: 0,
+            addresses: HashMap::new(),
             router,
             inbox,
             conns: Slab::default(),
@@ -147,6 +220,9 @@ impl Shard {
             touched_mask: vec![false; shards],
             due: Vec::new(),
             recipients: Vec::new(),
+            overflow: (0..shards).map(|_| VecDeque::new()).collect(),
+            overflowed: false,
+            paused: Vec::new(),
             stopping: false,
         }
     }
@@ -171,6 +247,12 @@ impl Shard {
 
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
+    }
+
+    /// Messages wait for room in another shard's inbox: the driver must come
+    /// back soon (`on_inbox` retries them) rather than sleep until an event.
+    pub fn is_backed_up(&self) -> bool {
+        !self.paused.is_empty() || self.overflow.iter().any(|q| !q.is_empty())
     }
 
     /// Stopping, and every connection is gone: the driver may exit.
@@ -214,18 +296,24 @@ impl Shard {
         }
         self.stats.inc(Counter::Accepted);
         self.stats.inc(Counter::Connections);
-        Some(self.conns.insert(Conn {
-            fd,
-            session: Session::new(now, &self.rules),
-            out: Outbox::default(),
-            uid: None,
-            registered: false,
-            moving: false,
-            watching: false,
-            shut_write: false,
-            slow: false,
-            broken: false,
-        }))
+        let address = self
+            .admission
+            .wants_address()
+            .then(|| peer_ip(&fd))
+            .flatten();
+        let admitted = self.admission.admit(address);
+        let session = if admitted {
+            Session::new(now, &self.rules)
+        } else {
+            Session::refused(now, &self.rules)
+        };
+        let key = self
+            .conns
+            .insert(Conn::new(fd, session, Outbox::default(), admitted));
+        if let (true, Some(ip)) = (admitted, address) {
+            self.addresses.insert(key, ip);
+        }
+        Some(key)
     }
 
     /// Bytes read from a connection's socket, in a buffer the session may
@@ -260,39 +348,42 @@ impl Shard {
             self.with_session(key, now, |session, _| session.abort(now, &rules));
             return;
         }
-        self.settle(key);
+        self.settle(key, now);
     }
 
     /// The socket's reads ended (end of stream, error, cancelled, or out of
     /// buffers). Returns the socket when the driver should read it again.
     pub fn on_reads_ended(&mut self, key: Key, now: u64) -> Option<RawFd> {
-        let conn = self.conns.get(key)?;
+        let conn = self.conns.get_mut(key)?;
+        conn.reads = Reads::Off;
         if conn.moving {
-            self.on_reads_stopped(key, now);
+            self.ship(key, now);
             return None;
         }
         let ended = matches!(conn.session.phase(), Phase::Draining | Phase::Done);
-        (!ended).then(|| conn.fd.as_raw_fd())
+        if ended || conn.paused {
+            return None;
+        }
+        conn.reads = Reads::On;
+        Some(conn.fd.as_raw_fd())
     }
 
-    /// A moving connection's reads stopped: nothing more can arrive here,
-    /// so it goes to its uid's home with everything read so far.
-    pub fn on_reads_stopped(&mut self, key: Key, now: u64) {
+    /// Sends a moving connection, whose reads have ended, to its uid's home
+    /// with everything read so far.
+    fn ship(&mut self, key: Key, now: u64) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if !conn.moving {
-            return;
-        }
         conn.moving = false;
-        let fd = conn.fd.as_raw_fd();
         if self.stopping {
             // Stay and close here: the home shard is stopping too.
-            self.io.push(Io::Read(key, fd));
+            self.read(key);
             self.close_session(key, CloseReason::Shutdown, now);
             return;
         }
+        let address = self.addresses.remove(&key);
         let conn = self.conns.remove(key).expect("just found");
+        self.pending_bytes -= conn.session.buffered_bytes();
         let uid = conn.uid.expect("a moving connection has its uid");
         let home = self.router.home_of(&uid);
         let arrival = Box::new(Arrival {
@@ -300,25 +391,42 @@ impl Shard {
             uid,
             session: conn.session,
             outbox: conn.out,
+            admitted: conn.admitted,
+            address,
         });
         self.stats.dec(Counter::Connections);
-        match self.router.push(home, ShardMsg::Adopt(arrival)) {
-            Ok(()) => {
-                self.stats.inc(Counter::HandedOver);
-                self.stats.inc(Counter::CrossShardSent);
-                self.touch(home);
+        self.stats.inc(Counter::HandedOver);
+        if let Err(ShardMsg::Adopt(arrival)) = self.send_to_shard(home, ShardMsg::Adopt(arrival)) {
+            // The home shard has stopped: the server is going away.
+            let key = self.adopt_here(*arrival, now);
+            self.read(key);
+            self.close_session(key, CloseReason::Shutdown, now);
+        }
+    }
+
+    /// Asks the driver to read a connection's socket, unless it is read.
+    fn read(&mut self, key: Key) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if conn.reads == Reads::Off {
+                conn.reads = Reads::On;
+                self.io.push(Io::Read(key, conn.fd.as_raw_fd()));
             }
-            Err(ShardMsg::Adopt(arrival)) => {
-                // The home shard has stopped: the server is going away.
-                let key = self.adopt_here(*arrival, now);
-                self.close_session(key, CloseReason::Shutdown, now);
+        }
+    }
+
+    /// Asks the driver to stop reading a connection's socket.
+    fn stop_reading(&mut self, key: Key) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if conn.reads == Reads::On {
+                conn.reads = Reads::Stopping;
+                self.io.push(Io::StopReading(key));
             }
-            Err(_) => unreachable!("push gives back the message it was given"),
         }
     }
 
     /// Handles what other shards and threads sent; returns how many.
     pub fn on_inbox(&mut self, now: u64) -> usize {
+        self.flush_overflow();
         let mut handled = 0;
         while handled < INBOX_BATCH {
             let Some(msg) = self.inbox.try_recv() else {
@@ -407,17 +515,112 @@ impl Shard {
             return;
         };
         let mut session = std::mem::take(&mut conn.session);
+        let held = session.buffered_bytes();
         f(&mut session, &mut |action| self.act(key, action));
         if session.phase() == Phase::LoggingIn && self.is_registered(key) {
             // Logged in here: bytes kept behind the login are handled now.
             let rules = self.rules.clone();
             session.open(now, &rules, &mut |action| self.act(key, action));
         }
+        self.pending_bytes = self.pending_bytes - held + session.buffered_bytes();
         if let Some(conn) = self.conns.get_mut(key) {
             conn.session = session;
         }
+        if std::mem::take(&mut self.overflowed) {
+            self.pause(key);
+        }
         self.close_troubled(now);
-        self.settle(key);
+        self.settle(key, now);
+        if self.pending_bytes > self.max_pending_bytes {
+            self.shed_pending(now);
+        }
+    }
+
+    /// Stops reading a connection whose messages wait for room in another
+    /// shard's inbox, until they are through.
+    fn pause(&mut self, key: Key) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        if !conn.paused {
+            conn.paused = true;
+            self.paused.push(key);
+            self.stop_reading(key);
+        }
+    }
+
+    /// Queues what waited for full inboxes, in order; once nothing waits,
+    /// the paused connections are read again.
+    fn flush_overflow(&mut self) {
+        for to in 0..self.overflow.len() {
+            while let Some(msg) = self.overflow[to].pop_front() {
+                match self.router.push(to as ShardId, msg) {
+                    Ok(()) => self.touch(to as ShardId),
+                    Err(PushError::Full(msg)) => {
+                        self.overflow[to].push_front(msg);
+                        break;
+                    }
+                    Err(PushError::Stopped(_)) => {} // shutting down
+                }
+            }
+        }
+        if self.overflow.iter().all(|q| q.is_empty()) {
+            for key in std::mem::take(&mut self.paused) {
+                if let Some(conn) = self.conns.get_mut(key) {
+                    conn.paused = false;
+                    let ended = matches!(conn.session.phase(), Phase::Draining | Phase::Done);
+                    if !ended && !conn.moving {
+                        self.read(key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues `msg` for shard `to`: behind what already waits for it, or in
+    /// its inbox; when the inbox is full it waits here and the sending
+    /// connection is paused. Gives the message back when `to` has stopped.
+    fn send_to_shard(&mut self, to: ShardId, msg: ShardMsg) -> Result<(), ShardMsg> {
+        self.stats.inc(Counter::CrossShardSent);
+        let waiting = &mut self.overflow[to as usize];
+        if !waiting.is_empty() {
+            waiting.push_back(msg);
+            self.overflowed = true;
+            self.stats.inc(Counter::InboxFull);
+            return Ok(());
+        }
+        match self.router.push(to, msg) {
+            Ok(()) => {
+                self.touch(to);
+                Ok(())
+            }
+            Err(PushError::Full(msg)) => {
+                self.overflow[to as usize].push_back(msg);
+                self.overflowed = true;
+                self.stats.inc(Counter::InboxFull);
+                self.touch(to); // it must drain: make sure it is awake
+                Ok(())
+            }
+            Err(PushError::Stopped(msg)) => Err(msg),
+        }
+    }
+
+    /// Over the pending-input cap: closes the sessions holding the most
+    /// (1013) until the shard is back under it.
+    fn shed_pending(&mut self, now: u64) {
+        let mut holders: Vec<(usize, Key)> = self
+            .conns
+            .iter_mut()
+            .map(|(key, conn)| (conn.session.buffered_bytes(), key))
+            .filter(|&(bytes, _)| bytes > 0)
+            .collect();
+        holders.sort_unstable_by_key(|&(bytes, _)| std::cmp::Reverse(bytes));
+        for (_, key) in holders {
+            if self.pending_bytes <= self.max_pending_bytes {
+                break;
+            }
+            self.close_session(key, CloseReason::TooMuchPending, now);
+        }
     }
 
     fn is_registered(&self, key: Key) -> bool {
@@ -445,10 +648,13 @@ impl Shard {
     /// After a connection's session ran: leave the uid table once it is no
     /// longer open, shut or close the socket once its output is out, and
     /// ask for a write watch while output waits.
-    fn settle(&mut self, key: Key) {
+    fn settle(&mut self, key: Key, now: u64) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        if conn.moving && conn.reads == Reads::Off {
+            return self.ship(key, now);
+        }
         let phase = conn.session.phase();
         if phase != Phase::Open && conn.registered {
             self.logout(key);
@@ -480,6 +686,11 @@ impl Shard {
             return;
         };
         self.stats.dec(Counter::Connections);
+        self.pending_bytes -= conn.session.buffered_bytes();
+        let address = self.addresses.remove(&key);
+        if conn.admitted {
+            self.admission.release(address);
+        }
         self.io.push(Io::Close {
             key,
             fd: conn.fd,
@@ -533,7 +744,7 @@ impl Shard {
         };
         conn.uid = Some(Arc::from(uid));
         conn.moving = true;
-        self.io.push(Io::StopReading(key));
+        self.stop_reading(key);
     }
 
     /// Enters a connection in the uid table, then answers its login: from
@@ -577,10 +788,7 @@ impl Shard {
     /// with the bytes it brought, and reads its socket from now on.
     fn adopt(&mut self, arrival: Arrival, now: u64) {
         let key = self.adopt_here(arrival, now);
-        let fd = self.conns.get(key).map(|c| c.fd.as_raw_fd());
-        if let Some(fd) = fd {
-            self.io.push(Io::Read(key, fd));
-        }
+        self.read(key);
         if self.stopping {
             self.close_session(key, CloseReason::Shutdown, now);
         }
@@ -592,20 +800,17 @@ impl Shard {
             uid,
             session,
             outbox,
+            admitted,
+            address,
         } = arrival;
         self.stats.inc(Counter::Connections);
-        let key = self.conns.insert(Conn {
-            fd,
-            session,
-            out: outbox,
-            uid: None,
-            registered: false,
-            moving: false,
-            watching: false,
-            shut_write: false,
-            slow: false,
-            broken: false,
-        });
+        self.pending_bytes += session.buffered_bytes();
+        let mut conn = Conn::new(fd, session, outbox, admitted);
+        conn.reads = Reads::Off; // until `read`
+        let key = self.conns.insert(conn);
+        if let Some(ip) = address {
+            self.addresses.insert(key, ip);
+        }
         self.register(key, &uid);
         let rules = self.rules.clone();
         self.with_session(key, now, |session, mut out| {
@@ -635,7 +840,7 @@ impl Shard {
             .out
             .write(conn.fd.as_raw_fd(), frame, self.max_outbound_bytes)
         {
-            Wrote::Ok => {}
+            Wrote::Ok => self.stats.add(Counter::BytesOut, frame.len() as u64),
             Wrote::OverLimit => {
                 self.stats.add(Counter::BytesOut, frame.len() as u64);
                 if !conn.slow && !conn.broken {
@@ -677,10 +882,7 @@ impl Shard {
             origin,
             ack: None,
         };
-        if self.router.push(home, msg).is_ok() {
-            self.stats.inc(Counter::CrossShardSent);
-            self.touch(home);
-        }
+        let _ = self.send_to_shard(home, msg); // a stopped shard has no one to deliver to
     }
 
     fn broadcast(&mut self, frame: Frame) {
@@ -695,10 +897,7 @@ impl Shard {
                 origin,
                 ack: None,
             };
-            if self.router.push(to, msg).is_ok() {
-                self.stats.inc(Counter::CrossShardSent);
-                self.touch(to);
-            }
+            let _ = self.send_to_shard(to, msg);
         }
         self.deliver_to_all(&frame, origin);
     }
@@ -753,4 +952,10 @@ impl Shard {
         }
         delivered
     }
+}
+
+/// The address of a connected socket's peer, if it can be told.
+fn peer_ip(fd: &OwnedFd) -> Option<IpAddr> {
+    let addr = socket2::SockRef::from(fd).peer_addr().ok()?;
+    addr.as_socket().map(|a| a.ip())
 }
