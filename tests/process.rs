@@ -255,8 +255,8 @@ fn a_second_server_on_a_served_address_refuses_to_start() {
     let mut clients: Vec<Ws> = (0..20)
         .map(|i| login(first.addr, &format!("only-{i}")))
         .collect();
-    for i in 0..20 {
-        send_text(&mut clients[i], &format!("only-{}:from {i}", (i + 1) % 20));
+    for (i, ws) in clients.iter_mut().enumerate() {
+        send_text(ws, &format!("only-{}:from {i}", (i + 1) % 20));
     }
     for i in 0..20 {
         assert_eq!(recv_text(&mut clients[(i + 1) % 20]), format!("from {i}"));
