@@ -32,9 +32,13 @@
 //! - [`router`]: the home shard of a uid, and the inboxes between shards
 //!   (and from threads that are not shards), which also carry a connection
 //!   and its session to its uid's home at login.
+//! - [`api`]: the HTTP push API on a thread of its own, beside the shards:
+//!   pushes, batches, broadcasts and `/online` through a [`Pusher`],
+//!   `/stats` and `/metrics` from the counters.
 //! - [`stats`]: per-shard counters. [`config`], [`limits`]: settings and
 //!   the open-file limit.
 
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod driver;
