@@ -24,7 +24,8 @@ struct ServerProcess {
 impl ServerProcess {
     fn start(args: &[&str], fd_limit: Option<u64>) -> ServerProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_corepush"));
-        cmd.args(["--listen", "127.0.0.1:0"])
+        // The API on a free port too: tests run side by side.
+        cmd.args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -136,7 +137,8 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cmd_limit) };
     let hard = cmd_limit.rlim_max.min(4096);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corepush"));
-    cmd.args(["--listen", "127.0.0.1:0", "--shards", "1"])
+    cmd.args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+        .args(["--shards", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     // SAFETY: setrlimit between fork and exec.
