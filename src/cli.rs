@@ -114,6 +114,36 @@ pub struct Cli {
     #[arg(long, default_value_t = 0)]
     pub idle_poll_us: u64,
 
+    /// Address of the HTTP push API (POST /push/{uid}, /push, /broadcast;
+    /// GET /online/{uid}, /stats, /metrics), or `off`.
+    #[arg(long, value_parser = parse_api_listen, default_value = "127.0.0.1:1235")]
+    pub api_listen: ApiListen,
+
+    /// Require `Authorization: Bearer <token>` on every API request. Without
+    /// it the API serves only a loopback address (see --api-insecure).
+    #[arg(long, env = "COREPUSH_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Serve the API without a token on an address that is not loopback:
+    /// anyone who reaches it can push to every user.
+    #[arg(long)]
+    pub api_insecure: bool,
+
+    /// Largest body of a batch push (POST /push), in bytes; each message in
+    /// it is also held to --max-message-bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub api_max_batch_bytes: usize,
+
+    /// API connections open at once; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub api_max_connections: u32,
+
+    /// Time an API client has to send a request's head (or, kept alive, to
+    /// start the next request), to finish the request, and to take each
+    /// part of the response.
+    #[arg(long, value_parser = parse_ms, default_value = "10000")]
+    pub api_timeout_ms: Duration,
+
     /// io_uring features to leave off, comma-separated (single-issuer,
     /// defer-taskrun, coop-taskrun, msg-ring): for measuring what each buys.
     #[arg(long, value_delimiter = ',', hide = true)]
@@ -139,6 +169,19 @@ pub enum UringFeature {
     DeferTaskrun,
     CoopTaskrun,
     MsgRing,
+}
+
+/// `--api-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiListen(pub Option<SocketAddr>);
+
+fn parse_api_listen(text: &str) -> Result<ApiListen, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(ApiListen(None));
+    }
+    text.parse()
+        .map(|addr| ApiListen(Some(addr)))
+        .map_err(|e| format!("{e} (expected an address such as 127.0.0.1:1235, or off)"))
 }
 
 fn parse_ms(text: &str) -> Result<Duration, String> {
@@ -189,6 +232,12 @@ impl Cli {
             },
             idle_poll: Duration::from_micros(self.idle_poll_us),
             uring,
+            api_listen: self.api_listen.0,
+            api_token: self.api_token,
+            api_insecure: self.api_insecure,
+            api_max_batch_bytes: self.api_max_batch_bytes,
+            api_max_connections: self.api_max_connections as usize,
+            api_timeout: self.api_timeout_ms,
         }
     }
 }
@@ -225,5 +274,28 @@ mod tests {
         assert_eq!(c.runtime, Runtime::Glommio);
         assert!(!c.uring.msg_ring && !c.uring.defer_taskrun && c.uring.single_issuer);
         assert!(Cli::try_parse_from(["corepush", "--ping-interval-ms", "0"]).is_err());
+    }
+
+    #[test]
+    fn api_flags_parse() {
+        let c = Cli::parse_from(["corepush", "--api-listen", "off"]).into_config();
+        assert_eq!(c.api_listen, None);
+        let c = Cli::parse_from([
+            "corepush",
+            "--api-listen",
+            "[::1]:8080",
+            "--api-token",
+            "t0k3n",
+            "--api-insecure",
+            "--api-timeout-ms",
+            "250",
+        ])
+        .into_config();
+        assert_eq!(c.api_listen, Some("[::1]:8080".parse().unwrap()));
+        assert_eq!(c.api_token.as_deref(), Some("t0k3n"));
+        assert!(c.api_insecure);
+        assert_eq!(c.api_timeout, Duration::from_millis(250));
+        assert!(Cli::try_parse_from(["corepush", "--api-listen", "nowhere"]).is_err());
+        assert!(Cli::try_parse_from(["corepush", "--api-max-connections", "0"]).is_err());
     }
 }

@@ -62,6 +62,23 @@ pub struct Config {
     pub idle_poll: Duration,
     /// io_uring features to use where the kernel has them.
     pub uring: UringFeatures,
+    /// Address of the HTTP push API ([`crate::api`]); `None`: no API.
+    pub api_listen: Option<SocketAddr>,
+    /// When set, every API request must carry `Authorization: Bearer
+    /// <token>`. Without it the API serves only a loopback address, unless
+    /// `api_insecure`.
+    pub api_token: Option<String>,
+    /// Serve the API without a token on an address that is not loopback.
+    pub api_insecure: bool,
+    /// Largest body of a batch push (`POST /push`); each message in it is
+    /// also held to `max_message_bytes`.
+    pub api_max_batch_bytes: usize,
+    /// API connections open at once; one more is answered 503 and closed.
+    pub api_max_connections: usize,
+    /// Time an API client has to send a request's head (and, on a kept-alive
+    /// connection, to start the next one), to finish the request, and to
+    /// take each part of the response.
+    pub api_timeout: Duration,
 }
 
 impl Default for Config {
@@ -89,6 +106,12 @@ impl Default for Config {
             runtime: Runtime::Uring,
             idle_poll: Duration::ZERO,
             uring: UringFeatures::default(),
+            api_listen: Some(SocketAddr::from(([127, 0, 0, 1], 1235))),
+            api_token: None,
+            api_insecure: false,
+            api_max_batch_bytes: 1024 * 1024,
+            api_max_connections: 256,
+            api_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -33,10 +33,14 @@
 //!   (and from threads that are not shards), which also carry a connection
 //!   and its session to its uid's home at login.
 //! - [`admission`]: the server-wide and per-address connection caps.
+//! - [`api`]: the HTTP push API on a thread of its own, beside the shards:
+//!   pushes, batches, broadcasts and `/online` through a [`Pusher`],
+//!   `/stats` and `/metrics` from the counters.
 //! - [`stats`]: per-shard counters. [`config`], [`limits`]: settings and
 //!   the open-file limit.
 
 pub mod admission;
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod driver;

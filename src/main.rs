@@ -1,10 +1,11 @@
-//! The `corepush` binary: parse flags, start the shards, stop on SIGINT or
-//! SIGTERM.
+//! The `corepush` binary: parse flags, start the shards and then the HTTP
+//! API, stop on SIGINT or SIGTERM (the API first, then the shards).
 
 mod cli;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -25,8 +26,15 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let config = cli::Cli::parse().into_config();
+    // Refuse an unsafe API setting before anything starts.
+    if config.api_listen.is_some() {
+        if let Err(e) = corepush::api::check(&config) {
+            error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
 
-    let server = match corepush::start(config) {
+    let server = match corepush::start(config.clone()) {
         Ok(server) => server,
         Err(e) => {
             error!("cannot start: {e}");
@@ -43,6 +51,29 @@ fn main() -> ExitCode {
         server.connection_capacity(),
     );
 
+    let api = match config.api_listen {
+        None => None,
+        Some(_) => match corepush::api::start(&config, server.pusher()) {
+            Ok(api) => {
+                info!(
+                    "api listening on {} ({})",
+                    api.local_addr(),
+                    if config.api_token.is_some() {
+                        "bearer token required"
+                    } else {
+                        "no token: anyone who reaches it may push"
+                    }
+                );
+                Some(Arc::new(api))
+            }
+            Err(e) => {
+                error!("cannot start the HTTP API: {e}");
+                let _ = server.shutdown();
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+
     let mut signals = match Signals::new([SIGINT, SIGTERM]) {
         Ok(signals) => signals,
         Err(e) => {
@@ -51,13 +82,23 @@ fn main() -> ExitCode {
         }
     };
     let trigger = server.shutdown_trigger();
+    let api_on_signal = api.clone();
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
             info!(signal, "stopping: closing connections with 1001");
+            // No new pushes; those in flight still reach the shards.
+            if let Some(api) = api_on_signal {
+                api.shutdown();
+            }
             trigger.trigger();
         }
     });
-    match server.join() {
+    let result = server.join();
+    // The shards stopped on their own (a failure): stop the API too.
+    if let Some(api) = api {
+        api.shutdown();
+    }
+    match result {
         Ok(()) => {
             info!("stopped");
             ExitCode::SUCCESS

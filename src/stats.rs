@@ -106,7 +106,46 @@ impl Counter {
         Counter::FramesQueued,
     ];
 
-    /// The name used in logs and, later, in `/stats` and `/metrics`.
+    /// The `# HELP` text of each counter. A match, not a table, so a counter
+    /// added does not build until it is described here.
+    pub fn help(self) -> &'static str {
+        match self {
+            Counter::Connections => "Connections held, in any phase.",
+            Counter::LoggedIn => "Connections logged in and not yet closed.",
+            Counter::LocalUids => "Distinct uids logged in on the shard (their home).",
+            Counter::Accepted => "Connections accepted.",
+            Counter::AcceptFdExhausted => "Accepts that failed for lack of file descriptors.",
+            Counter::AcceptFailed => "Accepts that failed for another reason.",
+            Counter::HandshakeFailed => "WebSocket upgrade requests refused.",
+            Counter::Logins => "Successful logins.",
+            Counter::HandedOver => "Logged-in connections handed over to their uid's home shard.",
+            Counter::LoginRefused => "Logins refused (bad uid or token).",
+            Counter::MessagesIn => "Data messages received from logged-in clients.",
+            Counter::SendErrors => "Client sends answered with an error.",
+            Counter::SendsRefused => "Client sends refused by --client-sends.",
+            Counter::NoRecipient => "Messages to a uid with no connection (dropped).",
+            Counter::Broadcasts => "Broadcasts handled.",
+            Counter::DeliveredSameShard => "Frames delivered to a recipient on the sender's shard.",
+            Counter::DeliveredCrossShard => {
+                "Frames delivered to a recipient on another shard than the sender's (or from outside the shards)."
+            }
+            Counter::MessagesOut => "Messages written or queued to connections.",
+            Counter::BytesOut => "Bytes written or queued to connections.",
+            Counter::OutsidePushes => "Pushes and broadcasts from outside the shards (HTTP API).",
+            Counter::CrossShardSent => "Messages put on another shard's inbox.",
+            Counter::InboxReceived => "Messages taken from the shard's inbox.",
+            Counter::SlowConsumers => "Connections closed for not reading (slow consumers).",
+            Counter::Timeouts => "Connections closed by a timeout.",
+            Counter::ProtocolErrors => "Connections closed for a framing or protocol violation.",
+            Counter::RateLimited => "Connections closed for sending over --max-client-rate.",
+            Counter::ConnectionsRefused => "Upgrades answered with 503: the server (or the address) was full.",
+            Counter::PendingShed => "Connections closed with 1013: the shard held too much incomplete input.",
+            Counter::InboxFull => "Messages held back because another shard's inbox was full.",
+            Counter::FramesQueued => "Frames that waited in user space for a full socket.",
+        }
+    }
+
+    /// The name used in logs, `/stats` and `/metrics`.
     pub fn name(self) -> &'static str {
         match self {
             Counter::Connections => "connections",

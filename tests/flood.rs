@@ -25,6 +25,7 @@ impl Drop for ServerGuard {
 fn start_server() -> (ServerGuard, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_corepush"))
         .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .args(["--api-listen", "127.0.0.1:0"]) // tests run side by side
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

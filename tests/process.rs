@@ -27,7 +27,9 @@ impl ServerProcess {
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
-        cmd.args(args)
+        // The API on a free port too: tests run side by side.
+        cmd.args(["--api-listen", "127.0.0.1:0"])
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -138,7 +140,8 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cmd_limit) };
     let hard = cmd_limit.rlim_max.min(4096);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corepush"));
-    cmd.args(["--listen", "127.0.0.1:0", "--shards", "1"])
+    cmd.args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+        .args(["--shards", "1"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     // SAFETY: setrlimit between fork and exec.
@@ -244,7 +247,7 @@ fn a_second_server_on_a_served_address_refuses_to_start() {
     let listen = format!("127.0.0.1:{port}");
     let first = ServerProcess::start(&["--listen", &listen, "--shards", "2"], None);
     let second = Command::new(env!("CARGO_BIN_EXE_corepush"))
-        .args(["--listen", &listen, "--shards", "2"])
+        .args(["--listen", &listen, "--shards", "2", "--api-listen", "off"])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&second.stderr);
