@@ -36,6 +36,7 @@
 //!   the open-file limit.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod driver;
 pub mod limits;
