@@ -46,6 +46,12 @@ pub struct Config {
     pub idle_poll: Duration,
     /// io_uring features to use where the kernel has them.
     pub uring: UringFeatures,
+    /// Join a cluster whose bus is at this URL (`redis://HOST:PORT`); None:
+    /// run alone.
+    pub cluster: Option<String>,
+    /// Messages for other nodes that may wait for the bus; past it they
+    /// are dropped (and counted).
+    pub cluster_queue: usize,
 }
 
 impl Default for Config {
@@ -68,6 +74,8 @@ impl Default for Config {
             runtime: Runtime::Uring,
             idle_poll: Duration::ZERO,
             uring: UringFeatures::default(),
+            cluster: None,
+            cluster_queue: crate::cluster::DEFAULT_QUEUE,
         }
     }
 }

@@ -41,6 +41,9 @@ fn main() -> ExitCode {
         limit.before,
         server.connection_capacity(),
     );
+    if let Some((node, bus)) = server.cluster_node() {
+        info!("cluster: node {node:016x} joins the cluster on {bus}");
+    }
 
     let mut signals = match Signals::new([SIGINT, SIGTERM]) {
         Ok(signals) => signals,
