@@ -2,6 +2,8 @@
 //! real WebSocket clients (tungstenite) and raw sockets for malformed input.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod cluster;
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
