@@ -32,6 +32,11 @@
 //! - [`router`]: the home shard of a uid, and the inboxes between shards
 //!   (and from threads that are not shards), which also carry a connection
 //!   and its session to its uid's home at login.
+//! - [`cluster`]: with `--cluster`, the bridge to the other nodes over a
+//!   bus (Redis pub/sub), on a thread of its own beside the shards: shards
+//!   and pushers hand it messages and subscription changes through a
+//!   [`cluster::Link`] (queues that never block), and it pushes what comes
+//!   from the bus into the shards through a [`Pusher`].
 //! - [`stats`]: per-shard counters. [`config`], [`limits`]: settings and
 //!   the open-file limit.
 
