@@ -489,3 +489,30 @@ fn a_node_starts_while_redis_is_down_and_links_when_it_comes() {
     assert_eq!(redis.publish("corepush:u:alice", b"now linked"), 1);
     assert_eq!(recv_text(&mut alice), "now linked");
 }
+
+#[test]
+fn help_documents_the_cluster_flags() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_corepush"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    for needle in ["--cluster <URL>", "COREPUSH_CLUSTER", "--cluster-queue"] {
+        assert!(
+            help.contains(needle),
+            "{needle} missing from --help:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn an_unknown_bus_is_refused_at_start() {
+    let config = corepush::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        cluster: Some("nats://127.0.0.1:4222".into()),
+        ..corepush::Config::default()
+    };
+    let error = corepush::start(config).err().expect("refused");
+    assert!(error.to_string().contains("redis://"), "{error}");
+}
