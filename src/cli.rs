@@ -143,6 +143,17 @@ pub struct Cli {
     /// part of the response.
     #[arg(long, value_parser = parse_ms, default_value = "10000")]
     pub api_timeout_ms: Duration,
+    /// Join a cluster of corepush nodes whose bus is this Redis
+    /// (redis://HOST:PORT, or redis://:PASSWORD@HOST:PORT): a push to a uid
+    /// or to all reaches the connections of every node. Without it the node
+    /// runs alone.
+    #[arg(long, env = "COREPUSH_CLUSTER", value_name = "URL")]
+    pub cluster: Option<String>,
+
+    /// Messages for other nodes that may wait for the bus; past it they are
+    /// dropped and counted.
+    #[arg(long, default_value_t = corepush::cluster::DEFAULT_QUEUE)]
+    pub cluster_queue: usize,
 
     /// io_uring features to leave off, comma-separated (single-issuer,
     /// defer-taskrun, coop-taskrun, msg-ring): for measuring what each buys.
@@ -238,6 +249,8 @@ impl Cli {
             api_max_batch_bytes: self.api_max_batch_bytes,
             api_max_connections: self.api_max_connections as usize,
             api_timeout: self.api_timeout_ms,
+            cluster: self.cluster,
+            cluster_queue: self.cluster_queue,
         }
     }
 }
@@ -267,12 +280,15 @@ mod tests {
             "glommio",
             "--uring-disable",
             "msg-ring,defer-taskrun",
+            "--cluster",
+            "redis://127.0.0.1:6379",
         ])
         .into_config();
         assert_eq!(c.shard_count(), 3);
         assert_eq!(c.idle_timeout, Duration::from_millis(40));
         assert_eq!(c.runtime, Runtime::Glommio);
         assert!(!c.uring.msg_ring && !c.uring.defer_taskrun && c.uring.single_issuer);
+        assert_eq!(c.cluster.as_deref(), Some("redis://127.0.0.1:6379"));
         assert!(Cli::try_parse_from(["corepush", "--ping-interval-ms", "0"]).is_err());
     }
 

@@ -79,6 +79,12 @@ pub struct Config {
     /// connection, to start the next one), to finish the request, and to
     /// take each part of the response.
     pub api_timeout: Duration,
+    /// Join a cluster whose bus is at this URL (`redis://HOST:PORT`); None:
+    /// run alone.
+    pub cluster: Option<String>,
+    /// Messages for other nodes that may wait for the bus; past it they
+    /// are dropped (and counted).
+    pub cluster_queue: usize,
 }
 
 impl Default for Config {
@@ -112,6 +118,8 @@ impl Default for Config {
             api_max_batch_bytes: 1024 * 1024,
             api_max_connections: 256,
             api_timeout: Duration::from_secs(10),
+            cluster: None,
+            cluster_queue: crate::cluster::DEFAULT_QUEUE,
         }
     }
 }

@@ -36,12 +36,18 @@
 //! - [`api`]: the HTTP push API on a thread of its own, beside the shards:
 //!   pushes, batches, broadcasts and `/online` through a [`Pusher`],
 //!   `/stats` and `/metrics` from the counters.
+//! - [`cluster`]: with `--cluster`, the bridge to the other nodes over a
+//!   bus (Redis pub/sub), on a thread of its own beside the shards: shards
+//!   and pushers hand it messages and subscription changes through a
+//!   [`cluster::Link`] (queues that never block), and it pushes what comes
+//!   from the bus into the shards through a [`Pusher`].
 //! - [`stats`]: per-shard counters. [`config`], [`limits`]: settings and
 //!   the open-file limit.
 
 pub mod admission;
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod driver;
 pub mod limits;

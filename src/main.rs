@@ -50,6 +50,9 @@ fn main() -> ExitCode {
         limit.before,
         server.connection_capacity(),
     );
+    if let Some((node, bus)) = server.cluster_node() {
+        info!("cluster: node {node:016x} joins the cluster on {bus}");
+    }
 
     let api = match config.api_listen {
         None => None,

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::cluster::{self, Link, Topic};
 use crate::router::{Router, ShardMsg, Tally};
 use crate::session::frame::{self, Opcode};
 use crate::stats::{ShardStats, Snapshot};
@@ -38,6 +39,10 @@ impl Kind {
 pub struct Pusher {
     router: Router,
     stats: Arc<[Arc<ShardStats>]>,
+    /// In a cluster: pushes are also published for the other nodes. The
+    /// cluster bridge's own pusher has none (what comes from the bus is
+    /// not published again).
+    cluster: Option<Link>,
 }
 
 /// How many connections a push reached (or how many a uid has), once every
@@ -49,12 +54,26 @@ pub struct Delivery {
 
 impl Pusher {
     pub(crate) fn new(router: Router, stats: Arc<[Arc<ShardStats>]>) -> Pusher {
-        Pusher { router, stats }
+        Pusher {
+            router,
+            stats,
+            cluster: None,
+        }
+    }
+
+    /// The same pusher, publishing to the cluster through `link`.
+    pub(crate) fn with_cluster(mut self, link: Option<Link>) -> Pusher {
+        self.cluster = link;
+        self
     }
 
     /// Delivers `payload` to every connection of `uid`, on whichever shard
-    /// the uid lives.
+    /// the uid lives, and, in a cluster, on every other node. The count is
+    /// of this node's connections.
     pub fn push(&self, uid: &str, kind: Kind, payload: &[u8]) -> Delivery {
+        if let Some(link) = &self.cluster {
+            link.publish(Topic::Uid(uid), kind, payload);
+        }
         let frame = frame::encode(kind.opcode(), payload);
         let (tally, mut acks) = Tally::new(1);
         let msg = ShardMsg::ToUid {
@@ -67,8 +86,12 @@ impl Pusher {
         Delivery { tally }
     }
 
-    /// Delivers `payload` to every logged-in connection.
+    /// Delivers `payload` to every logged-in connection (of every node, in
+    /// a cluster). The count is of this node's connections.
     pub fn broadcast(&self, kind: Kind, payload: &[u8]) -> Delivery {
+        if let Some(link) = &self.cluster {
+            link.publish(Topic::All, kind, payload);
+        }
         let frame = frame::encode(kind.opcode(), payload);
         let (tally, acks) = Tally::new(self.router.shards());
         for (to, ack) in acks.into_iter().enumerate() {
@@ -82,7 +105,7 @@ impl Pusher {
         Delivery { tally }
     }
 
-    /// How many connections `uid` has.
+    /// How many connections `uid` has on this node.
     pub fn online(&self, uid: &str) -> Delivery {
         let (tally, mut acks) = Tally::new(1);
         let ack = acks.pop().expect("one ack");
@@ -111,6 +134,11 @@ impl Pusher {
 
     pub fn shards(&self) -> usize {
         self.router.shards()
+    }
+
+    /// The cluster bus counters of this node, when it is in a cluster.
+    pub fn cluster_stats(&self) -> Option<cluster::Snapshot> {
+        self.cluster.as_ref().map(Link::stats)
     }
 }
 

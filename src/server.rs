@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admission::Admission;
+use crate::cluster::{self, Cluster};
 use crate::config::Config;
 use crate::driver::{uring, Runtime};
 use crate::limits::{self, FdLimit};
@@ -28,6 +29,8 @@ pub struct ServerHandle {
     stats: Arc<[Arc<ShardStats>]>,
     threads: Vec<JoinHandle<io::Result<()>>>,
     fd_limit: FdLimit,
+    /// In a cluster: the link and the bridge thread.
+    cluster: Option<Cluster>,
 }
 
 /// Asks a running server to stop; usable from any thread (signal handlers).
@@ -64,6 +67,10 @@ fn start_shards(config: Config) -> io::Result<ServerHandle> {
             .rules()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
     );
+    let mut cluster = match &config.cluster {
+        Some(url) => Some(Cluster::new(url, config.cluster_queue)?),
+        None => None,
+    };
     let listeners = listen_all(config.listen, config.backlog, shards)?;
     let addr = listeners[0]
         .local_addr()?
@@ -97,6 +104,7 @@ fn start_shards(config: Config) -> io::Result<ServerHandle> {
             stats: shard_stats,
             listener: OwnedFd::from(listener),
             cpu,
+            cluster: cluster.as_ref().map(|c| c.link().clone()),
         };
         let ready = ready_tx.clone();
         let thread = std::thread::Builder::new()
@@ -105,12 +113,13 @@ fn start_shards(config: Config) -> io::Result<ServerHandle> {
         threads.push(thread);
     }
     drop(ready_tx);
-    let server = ServerHandle {
+    let mut server = ServerHandle {
         addr,
         router,
         stats: stats.into(),
         threads,
         fd_limit,
+        cluster: None,
     };
     let mut failure = None;
     for result in ready_rx.iter().take(shards) {
@@ -123,6 +132,15 @@ fn start_shards(config: Config) -> io::Result<ServerHandle> {
         let _ = server.shutdown();
         return Err(error);
     }
+    if let Some(cluster) = &mut cluster {
+        // What comes from the bus goes in through a pusher without a link.
+        let inlet = Pusher::new(server.router.clone(), server.stats.clone());
+        if let Err(e) = cluster.start(inlet) {
+            let _ = server.shutdown();
+            return Err(e);
+        }
+    }
+    server.cluster = cluster;
     Ok(server)
 }
 
@@ -136,6 +154,7 @@ struct ShardStart {
     listener: OwnedFd,
     /// The core to pin the thread to, if pinning.
     cpu: Option<usize>,
+    cluster: Option<cluster::Link>,
 }
 
 impl ShardStart {
@@ -144,7 +163,10 @@ impl ShardStart {
             pin_to(cpu);
         }
         let options = self.config.driver_options();
-        let shard = Shard::new(self.inbox, self.router, self.settings, self.stats);
+        let mut shard = Shard::new(self.inbox, self.router, self.settings, self.stats);
+        if let Some(link) = self.cluster {
+            shard.join_cluster(link);
+        }
         match self.config.runtime {
             Runtime::Uring => match uring::Driver::new(&shard, self.listener, options) {
                 Ok(driver) => {
@@ -314,6 +336,17 @@ impl ServerHandle {
     /// A handle that other threads can use to push messages.
     pub fn pusher(&self) -> Pusher {
         Pusher::new(self.router.clone(), self.stats.clone())
+            .with_cluster(self.cluster.as_ref().map(|c| c.link().clone()))
+    }
+
+    /// This node's id in its cluster, and the bus (for the log).
+    pub fn cluster_node(&self) -> Option<(u64, &str)> {
+        self.cluster.as_ref().map(|c| (c.node(), c.address()))
+    }
+
+    /// The cluster bus counters of this node, when it is in a cluster.
+    pub fn cluster_stats(&self) -> Option<cluster::Snapshot> {
+        self.cluster.as_ref().map(Cluster::stats)
     }
 
     /// A handle that other threads can use to stop the server.
@@ -342,6 +375,10 @@ impl ServerHandle {
                     result = Err(e);
                 }
             }
+        }
+        // The shards are done (their last logouts queued): stop the bridge.
+        if let Some(cluster) = self.cluster {
+            cluster.stop();
         }
         result
     }

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::admission::Admission;
+use crate::cluster::{self, Link, Topic};
 use crate::outbox::{Outbox, Wrote};
 use crate::protocol;
 use crate::router::{Arrival, InboxReceiver, Origin, PushError, Router, ShardId, ShardMsg};
@@ -189,6 +190,9 @@ pub struct Shard {
     paused: Vec<Key>,
     /// Shutting down: no new connections, and done when none is left.
     stopping: bool,
+    /// In a cluster: where messages for other nodes and the uids held here
+    /// go (`crate::cluster`).
+    cluster: Option<Link>,
 }
 
 impl Shard {
@@ -224,7 +228,14 @@ impl Shard {
             overflowed: false,
             paused: Vec::new(),
             stopping: false,
+            cluster: None,
         }
+    }
+
+    /// Joins a cluster: client messages are also published for the other
+    /// nodes, and the uids whose home is this shard are subscribed to.
+    pub fn join_cluster(&mut self, link: Link) {
+        self.cluster = Some(link);
     }
 
     /// The shard clock: ms since the shard started.
@@ -639,8 +650,18 @@ impl Shard {
                 uid,
                 opcode,
                 payload,
-            } => self.send_to_uid(uid, frame::encode(opcode, payload)),
-            Action::ToAll { opcode, payload } => self.broadcast(frame::encode(opcode, payload)),
+            } => {
+                if let Some(link) = &self.cluster {
+                    link.publish(Topic::Uid(uid), cluster::kind_of(opcode), payload);
+                }
+                self.send_to_uid(uid, frame::encode(opcode, payload))
+            }
+            Action::ToAll { opcode, payload } => {
+                if let Some(link) = &self.cluster {
+                    link.publish(Topic::All, cluster::kind_of(opcode), payload);
+                }
+                self.broadcast(frame::encode(opcode, payload))
+            }
             Action::Count(counter) => self.stats.inc(counter),
         }
     }
@@ -751,6 +772,9 @@ impl Shard {
     /// the reply on, every message for the uid finds this connection.
     fn register(&mut self, key: Key, uid: &str) {
         let (uid, first) = self.uids.add(uid, key);
+        if let (true, Some(link)) = (first, &self.cluster) {
+            link.held(uid.clone());
+        }
         let reply = frame::encode(Opcode::Text, protocol::login_reply(&uid).as_bytes());
         if let Some(conn) = self.conns.get_mut(key) {
             conn.uid = Some(uid);
@@ -780,6 +804,9 @@ impl Shard {
         self.stats.dec(Counter::LoggedIn);
         if self.uids.remove(&uid, key) {
             self.stats.dec(Counter::LocalUids);
+            if let Some(link) = &self.cluster {
+                link.released(uid);
+            }
         }
     }
 

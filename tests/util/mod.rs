@@ -2,6 +2,7 @@
 //! real WebSocket clients (tungstenite) and raw sockets for malformed input.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod cluster;
 pub mod http;
 
 use std::io::{ErrorKind, Read, Write};

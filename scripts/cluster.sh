@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# A cluster on this host: one Redis and N corepush nodes joined through it.
+#
+#   scripts/cluster.sh [N] [extra corepush flags...]
+#
+# Builds in release mode, starts redis-server on a free port below 10000
+# (the first free one from $CLUSTER_REDIS_PORT, 6390) and N nodes (default
+# 3) on free ports below 10000 (from $CLUSTER_BASE_PORT, 9001), each with
+# --shards $CLUSTER_SHARDS (1) and --cluster redis://127.0.0.1:PORT. It
+# prints their addresses and pids and the corepush-flood command that
+# spreads connections over the nodes, then waits; Ctrl-C stops everything.
+#
+# Nodes run with --no-pin: with one shard each, every node would pin its
+# shard to the same first core. CLUSTER_PIN=1 keeps pinning.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+N="${1:-3}"
+shift || true
+case "$N" in
+    '' | *[!0-9]* | 0) echo "usage: $0 [N>=1] [corepush flags...]" >&2; exit 2 ;;
+esac
+SHARDS="${CLUSTER_SHARDS:-1}"
+REDIS_FROM="${CLUSTER_REDIS_PORT:-6390}"
+NODES_FROM="${CLUSTER_BASE_PORT:-9001}"
+PIN_FLAG="--no-pin"
+[ "${CLUSTER_PIN:-0}" = 1 ] && PIN_FLAG=""
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+
+if ! command -v redis-server >/dev/null; then
+    echo "cluster.sh: redis-server not found: apt-get install redis-server" >&2
+    exit 1
+fi
+
+echo "== building (release)" >&2
+cargo build --release --bins >&2
+
+# A port nothing listens on (a connect to it fails).
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+free_port_from() {
+    local p=$1
+    while ! port_free "$p"; do
+        p=$((p + 1))
+    done
+    if [ "$p" -ge 10000 ]; then
+        echo "cluster.sh: no free port between $1 and 9999" >&2
+        exit 1
+    fi
+    echo "$p"
+}
+
+logs=$(mktemp -d /tmp/corepush-cluster.XXXXXX)
+pids=()
+redis_pid=""
+stop_all() {
+    trap - INT TERM EXIT
+    echo >&2
+    echo "== stopping" >&2
+    for pid in "${pids[@]}" $redis_pid; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}" $redis_pid; do
+        for _ in $(seq 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    echo "== stopped; logs in $logs" >&2
+}
+trap 'stop_all; exit 130' INT TERM
+trap stop_all EXIT
+
+redis_port=$(free_port_from "$REDIS_FROM")
+redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+    >"$logs/redis.log" 2>&1 &
+redis_pid=$!
+for _ in $(seq 100); do
+    port_free "$redis_port" || break
+    kill -0 "$redis_pid" 2>/dev/null || { cat "$logs/redis.log" >&2; exit 1; }
+    sleep 0.05
+done
+port_free "$redis_port" && { echo "cluster.sh: redis did not start" >&2; cat "$logs/redis.log" >&2; exit 1; }
+url="redis://127.0.0.1:$redis_port"
+
+addrs=()
+apis=()
+next=$NODES_FROM
+for i in $(seq 0 $((N - 1))); do
+    port=$(free_port_from "$next")
+    api=$(free_port_from $((port + 1)))
+    next=$((api + 1))
+    # shellcheck disable=SC2086 # PIN_FLAG is empty or one flag
+    "$TARGET_DIR/release/corepush" --listen "127.0.0.1:$port" --shards "$SHARDS" $PIN_FLAG \
+        --api-listen "127.0.0.1:$api" --cluster "$url" "$@" 2>"$logs/node-$i.log" &
+    pids+=($!)
+    addrs+=("127.0.0.1:$port")
+    apis+=("127.0.0.1:$api")
+    for _ in $(seq 100); do
+        grep -q "cluster: link up" "$logs/node-$i.log" && break
+        if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+            echo "cluster.sh: node $i exited; its log:" >&2
+            cat "$logs/node-$i.log" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+    grep -q "cluster: link up" "$logs/node-$i.log" || {
+        echo "cluster.sh: node $i did not link to $url; its log:" >&2
+        cat "$logs/node-$i.log" >&2
+        exit 1
+    }
+done
+
+echo "redis    127.0.0.1:$redis_port  pid $redis_pid"
+flood="$TARGET_DIR/release/corepush-flood"
+for i in "${!addrs[@]}"; do
+    echo "node $i   ${addrs[$i]}  pid ${pids[$i]}  api http://${apis[$i]}"
+    flood+=" --target ${addrs[$i]}"
+done
+for pid in "${pids[@]}"; do
+    flood+=" --server-pid $pid"
+done
+cat <<EOF
+
+Logs: $logs
+Flood, connections round-robin over the nodes (most targeted messages cross nodes):
+  $flood --conns 3000 --msgs 5000 --broadcasts 2
+Push from outside, as any system with a Redis client can:
+  redis-cli -p $redis_port PUBLISH corepush:u:u7 'hello u7'
+  redis-cli -p $redis_port PUBLISH corepush:all 'hello everyone'
+Ctrl-C stops everything.
+EOF
+
+while sleep 1; do
+    for i in "${!pids[@]}"; do
+        if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+            echo "cluster.sh: node $i (pid ${pids[$i]}) exited; its log: $logs/node-$i.log" >&2
+            exit 1
+        fi
+    done
+    if [ -n "$redis_pid" ] && ! kill -0 "$redis_pid" 2>/dev/null; then
+        echo "cluster.sh: redis (pid $redis_pid) exited; nodes keep retrying" >&2
+        redis_pid=""
+    fi
+done
