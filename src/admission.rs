@@ -25,6 +25,7 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// Caps of `max` connections in all (0: none) and `per_ip` per address (0: none).
     pub fn new(max: usize, per_ip: usize) -> Admission {
         Admission {
             max,

@@ -49,6 +49,8 @@ impl fmt::Display for LoginError {
     }
 }
 
+impl std::error::Error for LoginError {}
+
 #[derive(Deserialize)]
 struct Claims {
     sub: String,

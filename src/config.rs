@@ -11,6 +11,7 @@ use crate::protocol::ClientSends;
 use crate::session::{Limits, Rules};
 
 #[derive(Debug, Clone)]
+/// Everything a server can be told; `Config::default()` is production-ready.
 pub struct Config {
     /// Address every shard listens on (SO_REUSEPORT).
     pub listen: SocketAddr,

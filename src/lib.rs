@@ -44,22 +44,36 @@
 //! - [`stats`]: per-shard counters. [`config`], [`limits`]: settings and
 //!   the open-file limit.
 
-pub mod admission;
 pub mod api;
-pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod driver;
 pub mod limits;
-pub mod outbox;
 pub mod protocol;
 pub mod push;
-pub mod router;
 pub mod server;
-pub mod session;
-pub mod shard;
 pub mod stats;
+
+mod admission;
+mod auth;
+mod outbox;
+mod router;
+mod session;
+mod shard;
 
 pub use config::Config;
 pub use push::{Delivery, Kind, Pusher};
+pub use router::{home_of, uid_hash};
 pub use server::{start, ServerHandle};
+
+/// The internals, for the micro-benchmarks in `bench/micro/` only: nothing
+/// here is part of the library's promise.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::admission::Admission;
+    pub use crate::router::Router;
+    pub use crate::session::handshake;
+    pub use crate::shard::slab::{Key, Slab};
+    pub use crate::shard::uid_table::UidTable;
+    pub use crate::shard::{Conn, Io, Shard, ShardSettings};
+}

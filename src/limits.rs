@@ -12,7 +12,9 @@ pub fn reserved_fds(shards: usize) -> u64 {
 /// The open-file limit before and after raising the soft limit to the hard one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FdLimit {
+    /// The soft limit found at start.
     pub before: u64,
+    /// The soft limit now (the hard limit).
     pub now: u64,
 }
 

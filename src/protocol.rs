@@ -19,11 +19,17 @@ pub const ALL: &str = "all";
 /// the reason of a 1008 close frame (login) or after `error: ` (send).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UidError {
+    /// No bytes.
     Empty,
+    /// Over 128 bytes.
     TooLong,
+    /// Not UTF-8.
     NotUtf8,
+    /// Contains `:`, the separator.
     HasColon,
+    /// Contains an ASCII control character.
     HasControl,
+    /// The word `all`.
     Reserved,
 }
 
@@ -40,6 +46,8 @@ impl fmt::Display for UidError {
         f.write_str(text)
     }
 }
+
+impl std::error::Error for UidError {}
 
 /// Checks a uid: 1 to 128 bytes of UTF-8, no `:`, no ASCII control
 /// character, and not the word `all`.
@@ -67,17 +75,28 @@ pub fn validate_uid(bytes: &[u8]) -> Result<&str, UidError> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Send<'a> {
     /// Every connection logged in as `uid`.
-    ToUid { uid: &'a str, payload: &'a [u8] },
+    ToUid {
+        /// The recipient uid.
+        uid: &'a str,
+        /// What follows the first `:`.
+        payload: &'a [u8],
+    },
     /// Every logged-in connection.
-    ToAll { payload: &'a [u8] },
+    ToAll {
+        /// What follows `all:`.
+        payload: &'a [u8],
+    },
 }
 
 /// Why a send was refused. Sent back as `error: <Display>`; the connection
 /// stays open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendError {
+    /// No `:` in the message.
     NoSeparator,
+    /// Nothing before the `:`.
     EmptyRecipient,
+    /// What is before the `:` breaks the uid rules.
     BadRecipient(UidError),
 }
 
@@ -90,6 +109,8 @@ impl fmt::Display for SendError {
         }
     }
 }
+
+impl std::error::Error for SendError {}
 
 /// Splits a message at its first `:` and validates the recipient.
 pub fn parse_send(message: &[u8]) -> Result<Send<'_>, SendError> {

@@ -21,7 +21,9 @@ use crate::stats::{ShardStats, Snapshot};
 /// Whether a pushed message reaches clients as text or binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// A text message (the payload must be UTF-8).
     Text,
+    /// A binary message.
     Binary,
 }
 
@@ -132,6 +134,7 @@ impl Pusher {
         self.stats.iter().map(|s| s.snapshot()).collect()
     }
 
+    /// How many shards the server runs.
     pub fn shards(&self) -> usize {
         self.router.shards()
     }

@@ -249,10 +249,12 @@ impl Router {
         Ok((router, receivers))
     }
 
+    /// How many shards there are.
     pub fn shards(&self) -> usize {
         self.inboxes.len()
     }
 
+    /// The uid's home shard.
     pub fn home_of(&self, uid: &str) -> ShardId {
         home_of(uid, self.shards())
     }

@@ -307,6 +307,7 @@ impl ServerHandle {
         self.addr
     }
 
+    /// How many shards run.
     pub fn shards(&self) -> usize {
         self.threads.len()
     }

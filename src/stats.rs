@@ -16,15 +16,19 @@ pub enum Counter {
     LoggedIn,
     /// Gauge: distinct uids logged in on this shard (their home).
     LocalUids,
+    /// Connections accepted.
     Accepted,
     /// accept() failed because the process or system ran out of descriptors.
     AcceptFdExhausted,
     /// accept() failed for another reason (retried after a short pause).
     AcceptFailed,
+    /// Upgrade requests refused with an HTTP error.
     HandshakeFailed,
+    /// Successful logins.
     Logins,
     /// Connections that logged in here and were handed to their uid's home.
     HandedOver,
+    /// Logins refused (bad uid or token).
     LoginRefused,
     /// Data messages received from logged-in clients.
     MessagesIn,
@@ -34,6 +38,7 @@ pub enum Counter {
     SendsRefused,
     /// Sends to a uid with no connection anywhere (counted at its home shard).
     NoRecipient,
+    /// Broadcasts (`all:`) sent by this shard's clients.
     Broadcasts,
     /// Frames handed to a recipient whose sender lives on this same shard.
     DeliveredSameShard,
@@ -73,6 +78,7 @@ pub enum Counter {
 }
 
 impl Counter {
+    /// Every counter, in index order.
     pub const ALL: [Counter; 30] = [
         Counter::Connections,
         Counter::LoggedIn,
@@ -196,14 +202,17 @@ impl ShardStats {
         cell.store(cell.load(Relaxed).wrapping_add(n), Relaxed);
     }
 
+    /// Adds one.
     pub fn inc(&self, counter: Counter) {
         self.add(counter, 1);
     }
 
+    /// Takes one away (gauges).
     pub fn dec(&self, counter: Counter) {
         self.add(counter, u64::MAX);
     }
 
+    /// A copy of every counter now.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             values: std::array::from_fn(|i| self.values[i].load(Relaxed)),
@@ -218,6 +227,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// One counter's value.
     pub fn get(&self, counter: Counter) -> u64 {
         self.values[counter as usize]
     }

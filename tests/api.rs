@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use corepush::router::home_of;
+use corepush::home_of;
 use corepush::stats::Counter;
 use serde_json::{json, Value};
 use tungstenite::Message;

@@ -46,12 +46,8 @@ use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use corepush::admission::Admission;
+use corepush::internals::{Admission, Conn, Io, Key, Router, Shard, ShardSettings, Slab, UidTable};
 use corepush::limits;
-use corepush::router::Router;
-use corepush::shard::slab::{Key, Slab};
-use corepush::shard::uid_table::UidTable;
-use corepush::shard::{Conn, Io, Shard, ShardSettings};
 use corepush::stats::{Counter, ShardStats};
 use corepush::Config;
 use mimalloc::MiMalloc;
@@ -157,16 +153,20 @@ fn on_free(p: *mut u8, size: usize) {
 
 struct Counting;
 
+// SAFETY: every method forwards to mimalloc with the caller's arguments
+// unchanged; the counting around it never touches the memory.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = MiMalloc.alloc(l);
+        // SAFETY: the caller's contract for `alloc` is mimalloc's.
+        let p = unsafe { MiMalloc.alloc(l) };
         if !p.is_null() {
             on_alloc(p, l.size());
         }
         p
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = MiMalloc.alloc_zeroed(l);
+        // SAFETY: the caller's contract for `alloc_zeroed` is mimalloc's.
+        let p = unsafe { MiMalloc.alloc_zeroed(l) };
         if !p.is_null() {
             on_alloc(p, l.size());
         }
@@ -174,12 +174,14 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         on_free(p, l.size());
-        MiMalloc.dealloc(p, l);
+        // SAFETY: `p` came from this allocator with layout `l`.
+        unsafe { MiMalloc.dealloc(p, l) };
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         // Uncount first: mimalloc may free `p` inside realloc.
         on_free(p, l.size());
-        let q = MiMalloc.realloc(p, l, new);
+        // SAFETY: `p` came from this allocator with layout `l`.
+        let q = unsafe { MiMalloc.realloc(p, l, new) };
         if q.is_null() {
             on_alloc(p, l.size()); // the old block stays
         } else {

@@ -1,5 +1,5 @@
 //! Cost of one upgrade: tungstenite's request parser and response builder
-//! against corepush's in-place parse (`corepush::session::handshake::process`).
+//! against corepush's in-place parse (`corepush::internals::handshake::process`).
 //!
 //! `cargo bench --bench handshake`: ns and heap allocations per upgrade.
 
@@ -17,13 +17,16 @@ struct Counting;
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
 
+// SAFETY: both methods forward to the system allocator unchanged.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Relaxed);
         BYTES.fetch_add(layout.size() as u64, Relaxed);
+        // SAFETY: the caller's contract for `alloc` is the system allocator's.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator with `layout`.
         unsafe { System.dealloc(ptr, layout) }
     }
 }
@@ -58,9 +61,9 @@ fn main() {
         "one upgrade request ({} bytes), {ROUNDS} rounds",
         REQUEST.len()
     );
-    let ours = measure("corepush::session::handshake::process", || {
-        match corepush::session::handshake::process(REQUEST) {
-            corepush::session::handshake::Outcome::Upgrade { response, .. } => response.len(),
+    let ours = measure("corepush::internals::handshake::process", || {
+        match corepush::internals::handshake::process(REQUEST) {
+            corepush::internals::handshake::Outcome::Upgrade { response, .. } => response.len(),
             _ => panic!("not an upgrade"),
         }
     });

@@ -1,6 +1,6 @@
 //! The per-shard connection table: 1,000,000 entries, one thread.
 //!
-//! Compares corepush's generational slab (`corepush::shard::slab`) with the
+//! Compares corepush's generational slab (`src/shard/slab.rs`) with the
 //! one-thread tables it could be replaced by: the `slab` crate (no
 //! generations), `slotmap`'s `SlotMap` and `DenseSlotMap` (generational
 //! keys, like ours; its `HopSlotMap` is deprecated), and with
@@ -22,60 +22,19 @@
 //!
 //! Run with `cargo bench --bench slab`.
 
-use std::alloc::{GlobalAlloc, Layout};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hint::black_box;
 use std::mem::size_of;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 use std::time::Duration;
 
-use corepush::shard::slab::{Key, Slab};
-use corepush::shard::Conn;
-use mimalloc::MiMalloc;
+use corepush::internals::{Conn, Key, Slab};
 use slotmap::{DefaultKey, DenseSlotMap, Key as _, KeyData, SlotMap};
 
-// ------------------------------------------------------ counting allocator --
-
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = MiMalloc.alloc(l);
-        if !p.is_null() {
-            LIVE.fetch_add(l.size() as isize, Relaxed);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = MiMalloc.alloc_zeroed(l);
-        if !p.is_null() {
-            LIVE.fetch_add(l.size() as isize, Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        MiMalloc.dealloc(p, l);
-        LIVE.fetch_sub(l.size() as isize, Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = MiMalloc.realloc(p, l, new);
-        if !q.is_null() {
-            LIVE.fetch_add(new as isize - l.size() as isize, Relaxed);
-        }
-        q
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn live() -> isize {
-    LIVE.load(Relaxed)
-}
+#[path = "counting.rs"]
+mod counting;
+use counting::live;
 
 // ----------------------------------------------------------- the payloads --
 

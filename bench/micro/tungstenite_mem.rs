@@ -9,70 +9,19 @@
 //!
 //! Run with `cargo bench --bench tungstenite_mem`.
 
-use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use mimalloc::MiMalloc;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 use tungstenite::protocol::frame::{Frame, Utf8Bytes};
 use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tungstenite::{Bytes, Message};
 
-// ------------------------------------------------------ counting allocator --
-
-/// Counts live bytes and cumulative allocations around mimalloc, the
-/// server's allocator.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-static ALLOC_BYTES: AtomicUsize = AtomicUsize::new(0);
-
-fn count(size: usize) {
-    LIVE.fetch_add(size, Ordering::Relaxed);
-    ALLOCS.fetch_add(1, Ordering::Relaxed);
-    ALLOC_BYTES.fetch_add(size, Ordering::Relaxed);
-}
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = MiMalloc.alloc(l);
-        if !p.is_null() {
-            count(l.size());
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = MiMalloc.alloc_zeroed(l);
-        if !p.is_null() {
-            count(l.size());
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        MiMalloc.dealloc(p, l);
-        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = MiMalloc.realloc(p, l, new);
-        if !q.is_null() {
-            LIVE.fetch_sub(l.size(), Ordering::Relaxed);
-            count(new);
-        }
-        q
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
-
-fn live() -> usize {
-    LIVE.load(Ordering::Relaxed)
-}
+#[path = "counting.rs"]
+mod counting;
+use counting::live;
 
 fn vm_rss() -> usize {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -166,18 +115,14 @@ fn child(cfg_name: &str) {
         }
     }
     let stream_vec = CONNS * std::mem::size_of::<MemStream>();
-    let live_per = (live() + stream_vec - live0) as f64 / CONNS as f64;
+    let live_per = (live() + stream_vec as isize - live0) as f64 / CONNS as f64;
     let rss_per = vm_rss().saturating_sub(rss0) as f64 / CONNS as f64;
 
     // Broadcast one 100-byte text message to every connection.
     let text: Utf8Bytes = "x".repeat(MSG_LEN).into();
     let sends = (CONNS * ROUNDS) as f64;
 
-    let (a0, b0, live1) = (
-        ALLOCS.load(Ordering::Relaxed),
-        ALLOC_BYTES.load(Ordering::Relaxed),
-        live(),
-    );
+    let (a0, b0, live1) = (counting::allocs(), counting::alloc_bytes(), live());
     let t = Instant::now();
     for _ in 0..ROUNDS {
         for ws in &mut conns {
@@ -185,8 +130,8 @@ fn child(cfg_name: &str) {
         }
     }
     let send_ns = t.elapsed().as_nanos() as f64 / sends;
-    let send_allocs = (ALLOCS.load(Ordering::Relaxed) - a0) as f64 / sends;
-    let send_bytes = (ALLOC_BYTES.load(Ordering::Relaxed) - b0) as f64 / sends;
+    let send_allocs = (counting::allocs() - a0) as f64 / sends;
+    let send_bytes = (counting::alloc_bytes() - b0) as f64 / sends;
     let retained = (live() as f64 - live1 as f64) / CONNS as f64;
 
     // Pre-encode once (server frames are unmasked: same bytes for everyone).
@@ -195,10 +140,7 @@ fn child(cfg_name: &str) {
         .format(&mut encoded)
         .unwrap();
     let shared: Arc<[u8]> = encoded.into();
-    let (a0, b0) = (
-        ALLOCS.load(Ordering::Relaxed),
-        ALLOC_BYTES.load(Ordering::Relaxed),
-    );
+    let (a0, b0) = (counting::allocs(), counting::alloc_bytes());
     let t = Instant::now();
     for _ in 0..ROUNDS {
         for ws in &mut conns {
@@ -208,8 +150,8 @@ fn child(cfg_name: &str) {
         }
     }
     let pre_ns = t.elapsed().as_nanos() as f64 / sends;
-    let pre_allocs = (ALLOCS.load(Ordering::Relaxed) - a0) as f64 / sends;
-    let pre_bytes = (ALLOC_BYTES.load(Ordering::Relaxed) - b0) as f64 / sends;
+    let pre_allocs = (counting::allocs() - a0) as f64 / sends;
+    let pre_bytes = (counting::alloc_bytes() - b0) as f64 / sends;
     let total: u64 = conns.iter().map(|c| c.get_ref().written).sum();
     assert_eq!(total as usize, 2 * CONNS * ROUNDS * shared.len());
 

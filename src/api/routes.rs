@@ -188,6 +188,7 @@ struct Item<'a> {
 }
 
 impl App {
+    /// The routes over `pusher`, with the API settings of `config`.
     pub fn new(config: &Config, pusher: Pusher) -> App {
         App {
             pusher,

@@ -76,7 +76,9 @@ pub const DEFAULT_QUEUE: usize = 65_536;
 /// Where a message goes: one uid's connections, or every connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Topic<'a> {
+    /// Every logged-in connection (`corepush:all`).
     All,
+    /// Every connection of this uid (`corepush:u:<uid>`).
     Uid(&'a str),
 }
 
@@ -117,8 +119,11 @@ pub fn encode(out: &mut Vec<u8>, kind: Kind, origin: u64, payload: &[u8]) {
 pub enum Decoded<'a> {
     /// An envelope: from node `origin` (0: another system that wrote one).
     Envelope {
+        /// The node that published it (0: an outside system).
         origin: u64,
+        /// Text or binary.
         kind: Kind,
+        /// The message itself.
         payload: &'a [u8],
     },
     /// Plain UTF-8 text from another system.
@@ -234,6 +239,7 @@ impl Stats {
         cell.fetch_add(n, Relaxed);
     }
 
+    /// A copy of every counter.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             link_up: self.up.0.load(Relaxed),
@@ -337,6 +343,7 @@ impl Link {
         let _ = self.changes.send(Change::Released(uid));
     }
 
+    /// The bus counters of this node.
     pub fn stats(&self) -> Snapshot {
         self.stats.snapshot()
     }
@@ -441,10 +448,12 @@ impl Cluster {
         })
     }
 
+    /// The handle shards and pushers publish through.
     pub fn link(&self) -> &Link {
         &self.link
     }
 
+    /// This node's id on the bus (random, never 0).
     pub fn node(&self) -> u64 {
         self.link.node
     }
@@ -454,6 +463,7 @@ impl Cluster {
         &self.address
     }
 
+    /// The bus counters of this node.
     pub fn stats(&self) -> Snapshot {
         self.link.stats()
     }

@@ -21,7 +21,7 @@
 //! project started with, kept runnable while the two are compared
 //! (`--runtime glommio`, docs/decisions.md).
 
-pub mod uring;
+pub(crate) mod uring;
 
 use std::time::Duration;
 
@@ -68,5 +68,6 @@ pub struct DriverOptions {
     pub sweep_every: Duration,
     /// Spin this long for new work before sleeping (0: sleep at once).
     pub idle_poll: Duration,
+    /// io_uring features to use where the kernel has them.
     pub features: UringFeatures,
 }

@@ -75,9 +75,19 @@ pub enum FrameError {
     TooBig,
 }
 
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::Protocol(reason) => f.write_str(reason),
+            FrameError::TooBig => f.write_str("message too big"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
 /// Close codes corepush sends.
 pub mod close_code {
-    pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL: u16 = 1002;
     pub const INVALID_DATA: u16 = 1007;

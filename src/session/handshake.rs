@@ -27,9 +27,19 @@ pub enum Outcome {
     Incomplete,
     /// A valid upgrade: send `response`, then speak WebSocket from byte
     /// `consumed` of the input on.
-    Upgrade { response: Frame, consumed: usize },
+    Upgrade {
+        /// The 101 response.
+        response: Frame,
+        /// Bytes of the input the request took.
+        consumed: usize,
+    },
     /// Not a valid upgrade: send `response` (a 4xx) and close.
-    Reject { status: u16, response: Frame },
+    Reject {
+        /// The HTTP status.
+        status: u16,
+        /// The whole response.
+        response: Frame,
+    },
 }
 
 /// Examines the request bytes received so far.

@@ -58,8 +58,11 @@ pub enum Io {
     /// The connection is gone: stop reading and watching it (`watching`
     /// says whether a write watch is pending) and close the socket.
     Close {
+        /// The connection that is gone.
         key: Key,
+        /// Its socket, to close.
         fd: OwnedFd,
+        /// Whether a write watch is pending on it.
         watching: bool,
     },
     /// Stop accepting connections (shutdown).
@@ -142,8 +145,11 @@ pub struct ShardSettings {
     pub max_pending_bytes: usize,
 }
 
+/// One core's connections, uid table and routing (see the module doc).
 pub struct Shard {
+    /// Which shard this is.
     pub id: ShardId,
+    /// This shard's counters, read by other threads.
     pub stats: Arc<ShardStats>,
     /// What every session obeys (shared with the other shards; the `Arc`
     /// is cloned into each call, the rules are not copied).
@@ -196,6 +202,7 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// A shard reading `inbox`, sending through `router`, counting into `stats`.
     pub fn new(
         inbox: InboxReceiver,
         router: Router,
@@ -243,10 +250,12 @@ impl Shard {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// This shard's end of its inbox.
     pub fn inbox(&self) -> &InboxReceiver {
         &self.inbox
     }
 
+    /// What every session obeys.
     pub fn rules(&self) -> &Rules {
         &self.rules
     }
@@ -256,6 +265,7 @@ impl Shard {
         self.conns.len()
     }
 
+    /// No connection at all.
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
     }

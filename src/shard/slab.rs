@@ -41,6 +41,7 @@ struct Slot<T> {
     value: Option<T>,
 }
 
+/// Values under generational keys (see the module doc).
 pub struct Slab<T> {
     slots: Vec<Slot<T>>,
     /// Indices of empty slots, reused last-freed first (warm in cache).
@@ -63,10 +64,12 @@ impl<T> Default for Slab<T> {
 }
 
 impl<T> Slab<T> {
+    /// Live values.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// No live value.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -92,6 +95,7 @@ impl<T> Slab<T> {
         }
     }
 
+    /// The value under `key`, unless it was removed since.
     pub fn get(&self, key: Key) -> Option<&T> {
         let slot = self.slots.get(key.index as usize)?;
         if slot.generation != key.generation {
@@ -100,6 +104,7 @@ impl<T> Slab<T> {
         slot.value.as_ref()
     }
 
+    /// The value under `key`, unless it was removed since.
     pub fn get_mut(&mut self, key: Key) -> Option<&mut T> {
         let slot = self.slots.get_mut(key.index as usize)?;
         if slot.generation != key.generation {
@@ -108,6 +113,7 @@ impl<T> Slab<T> {
         slot.value.as_mut()
     }
 
+    /// Takes the value under `key` out; the key goes stale.
     pub fn remove(&mut self, key: Key) -> Option<T> {
         let slot = self.slots.get_mut(key.index as usize)?;
         if slot.generation != key.generation {

@@ -20,6 +20,7 @@ use super::slab::Key;
 type Conns = SmallVec<[Key; 1]>;
 
 #[derive(Default)]
+/// uid → this shard's connections logged in with it.
 pub struct UidTable {
     local: HashMap<Arc<str>, Conns>,
 }
@@ -73,6 +74,7 @@ impl UidTable {
         self.local.len()
     }
 
+    /// No uid at all.
     pub fn is_empty(&self) -> bool {
         self.local.is_empty()
     }

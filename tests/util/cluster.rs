@@ -243,7 +243,14 @@ impl NodeProcess {
     /// link to the bus is up.
     pub fn start(url: &str, args: &[&str]) -> NodeProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_corepush"))
-            .args(["--listen", "127.0.0.1:0", "--api-listen", "off", "--cluster", url])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--api-listen",
+                "off",
+                "--cluster",
+                url,
+            ])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
