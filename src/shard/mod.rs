@@ -926,7 +926,9 @@ impl Shard {
         self.stats.inc(Counter::Broadcasts);
         let origin = Some(self.id);
         // The other shards first, so they write to their connections while
-        // this one writes to its own.
+        // this one writes to its own: a sleeping one is woken now, not at
+        // the end of this turn, which the writes below make long (one
+        // eventfd write per broadcast and sleeping shard).
         let me = self.id;
         for to in (0..self.router.shards() as ShardId).filter(|&to| to != me) {
             let msg = ShardMsg::Broadcast {
@@ -934,7 +936,9 @@ impl Shard {
                 origin,
                 ack: None,
             };
-            let _ = self.send_to_shard(to, msg);
+            if self.send_to_shard(to, msg).is_ok() && self.router.take_wakeup(to) {
+                self.router.wake(to);
+            }
         }
         self.deliver_to_all(&frame, origin);
     }
