@@ -25,6 +25,7 @@ impl ServerProcess {
     fn start(args: &[&str], fd_limit: Option<u64>) -> ServerProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_corepush"));
         cmd.args(["--listen", "127.0.0.1:0"])
+            .args(runtime_args())
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -137,6 +138,7 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
     let hard = cmd_limit.rlim_max.min(4096);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corepush"));
     cmd.args(["--listen", "127.0.0.1:0", "--shards", "1"])
+        .args(runtime_args())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     // SAFETY: setrlimit between fork and exec.
