@@ -190,7 +190,10 @@ fn deliveries_cross_shards_and_stay_on_shards() {
     for i in 0..40 {
         assert_eq!(recv_text(&mut clients[(i + 1) % 40]), format!("from {i}"));
     }
-    let s = server.stats();
+    // A shard counts its deliveries after writing them: wait for the count.
+    let s = server.wait_for("every delivery counted", |s| {
+        s.get(Counter::DeliveredSameShard) + s.get(Counter::DeliveredCrossShard) >= 40
+    });
     assert_eq!(
         s.get(Counter::DeliveredSameShard) + s.get(Counter::DeliveredCrossShard),
         40
@@ -223,7 +226,10 @@ fn a_thread_outside_the_shards_can_push_and_broadcast() {
         assert_eq!(recv_text(tab), "to everyone");
     }
     assert_eq!(recv_text(&mut other), "to everyone", "not the targeted one");
-    let s = server.wait_for("unknown uid counted", |s| s.get(Counter::NoRecipient) == 1);
+    // A shard counts its deliveries after writing them: wait for the count.
+    let s = server.wait_for("unknown uid and deliveries counted", |s| {
+        s.get(Counter::NoRecipient) == 1 && s.get(Counter::DeliveredCrossShard) >= 3 + 4
+    });
     assert_eq!(
         s.get(Counter::DeliveredCrossShard),
         3 + 4,
