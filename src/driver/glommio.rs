@@ -30,7 +30,7 @@
 //! | `WatchWrite(key, fd)` | `fd` armed `EPOLLOUT \| EPOLLONESHOT` in the shard's epoll set; `on_writable` once it fires |
 //! | `StopReading(key)` | the connection's stream dropped at once (no read can follow), its task woken to end, then `on_reads_ended` |
 //! | `Close { key, fd, watching }` | the stream dropped, its task woken to end; `fd` out of the epoll set if watched, then closed |
-//! | `StopAccepting` | the accept task cancelled: the listener closes with it |
+//! | `StopAccepting` | the listener shut (`shutdown(SHUT_RD)`): the accept in flight fails, and the accept task ends and closes it |
 //!
 //! **Descriptors.** The shard owns every connection's descriptor
 //! (`OwnedFd`): it writes to it, shuts it, closes it through `Io::Close`,
@@ -78,7 +78,6 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use ::glommio::net::{TcpListener, TcpStream, UnixStream};
-use ::glommio::task::JoinHandle;
 use ::glommio::{LocalExecutor, LocalExecutorBuilder, Placement};
 use futures_lite::AsyncRead;
 use tracing::{debug, warn};
@@ -148,7 +147,7 @@ pub async fn run(shard: Shard, listener: OwnedFd, options: DriverOptions) -> io:
         readers: RefCell::new(HashMap::new()),
         watch,
         scratch: RefCell::new(vec![0; SCRATCH_BYTES]),
-        accept: RefCell::new(None),
+        listener: Cell::new(None),
         finished: Cell::new(false),
         on_finished: RefCell::new(None),
         io: RefCell::new(Vec::new()),
@@ -156,11 +155,13 @@ pub async fn run(shard: Shard, listener: OwnedFd, options: DriverOptions) -> io:
         fd_warned_at: Cell::new(None),
         fd_failures: Cell::new(0),
     });
-    // SAFETY: the listener's descriptor moves into glommio's listener, which
-    // closes it when the accept task ends.
-    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    // The listener's descriptor moves into glommio's listener, which closes
+    // it when the accept task ends.
+    let listener = listener.into_raw_fd();
+    driver.listener.set(Some(listener));
+    // SAFETY: nothing else owns the descriptor now.
+    let listener = unsafe { TcpListener::from_raw_fd(listener) };
     let accept = ::glommio::spawn_local(accept_loop(driver.clone(), listener)).detach();
-    *driver.accept.borrow_mut() = Some(accept);
     let helpers = [
         ::glommio::spawn_local(inbox_loop(driver.clone())).detach(),
         ::glommio::spawn_local(watch_loop(driver.clone())).detach(),
@@ -168,11 +169,12 @@ pub async fn run(shard: Shard, listener: OwnedFd, options: DriverOptions) -> io:
     ];
     driver.carry_out(); // a shard already finished (shut down before it ran)
     poll_fn(|cx| driver.poll_finished(cx)).await;
+    // The accept task has ended, or its accept is failing on the shut
+    // listener (nothing can be accepted any more, so cancelling it loses
+    // no connection).
+    accept.cancel();
     for task in &helpers {
         task.cancel();
-    }
-    if let Some(accept) = driver.accept.borrow_mut().take() {
-        accept.cancel();
     }
     // Let the cancelled tasks and the readers told to end run once, so their
     // descriptors are closed before the executor goes.
@@ -193,8 +195,8 @@ struct Driver {
     /// The read buffer every connection reads into, taken for one read and
     /// its handling.
     scratch: RefCell<Vec<u8>>,
-    /// The accept task, cancelled when the shard stops accepting.
-    accept: RefCell<Option<JoinHandle<()>>>,
+    /// The listener, while the accept task holds it open.
+    listener: Cell<Option<RawFd>>,
     /// The shard is finished; the main future waits for this.
     finished: Cell<bool>,
     on_finished: RefCell<Option<Waker>>,
@@ -283,8 +285,16 @@ impl Driver {
                 drop(fd);
             }
             Io::StopAccepting => {
-                if let Some(accept) = self.accept.borrow_mut().take() {
-                    accept.cancel();
+                // Not by cancelling the accept task: glommio's accept may
+                // have a connection in hand (its completion in, its task
+                // not run yet), which dropping the task would leave open
+                // and unanswered. Shutting the listener makes accept fail
+                // (EINVAL) once what was accepted has been taken; the task
+                // then sees the listener gone and closes it.
+                if let Some(listener) = self.listener.take() {
+                    // SAFETY: the accept task keeps this descriptor open
+                    // until it sees `listener` taken.
+                    unsafe { libc::shutdown(listener, libc::SHUT_RD) };
                 }
             }
         }
@@ -474,6 +484,9 @@ async fn accept_loop(driver: Rc<Driver>, listener: TcpListener) {
     loop {
         let stream = match listener.accept().await {
             Ok(stream) => stream,
+            Err(_) if driver.listener.get().is_none() => {
+                return; // stopped accepting: the listener closes here
+            }
             Err(error) => {
                 let error = io::Error::from(error);
                 if limits::is_fd_exhaustion(&error) {
