@@ -571,21 +571,23 @@ async fn read_loop(driver: Rc<Driver>, reader: Rc<Reader>) {
 async fn inbox_loop(driver: Rc<Driver>) {
     let eventfd = driver.shard.borrow().inbox().eventfd();
     loop {
-        let handled = driver.call(|shard, now| shard.on_inbox(now));
-        if handled > 0 {
-            // Let the connections run between batches, then look again.
-            futures_lite::future::yield_now().await;
-            continue;
-        }
+        driver.call(|shard, now| shard.on_inbox(now));
         if !driver.shard.borrow().inbox().sleep() {
-            continue; // a message slipped in
+            // More is waiting: drain again after the sockets' turn.
+            next_turn().await;
+            continue;
         }
         if readable(eventfd).await.is_err() {
             ::glommio::timer::sleep(FALLBACK_POLL).await;
         }
-        let shard = driver.shard.borrow();
-        shard.inbox().awake();
-        shard.inbox().clear_eventfd();
+        {
+            let shard = driver.shard.borrow();
+            shard.inbox().awake();
+            shard.inbox().clear_eventfd();
+        }
+        // Let the tasks woken in the same reactor pass (reads, accepts) run
+        // first: sockets before the inbox, as in a turn of the uring driver.
+        futures_lite::future::yield_now().await;
     }
 }
 
@@ -610,6 +612,18 @@ async fn sweep_loop(driver: Rc<Driver>, every: Duration) {
         ::glommio::timer::sleep(every).await;
         driver.call(|shard, now| shard.sweep(now));
     }
+}
+
+/// Waits for glommio's next reactor pass, then lets the tasks that pass
+/// woke run first: the uring driver's turn (the sockets' completions, then
+/// the inbox) for a task that would otherwise drain again at once. Yielding
+/// within the task queue is not enough: glommio reaps its main ring (where
+/// the sockets' polls are) only when its queues run dry or its preemption
+/// timer (100 ms) fires, so a busy inbox would hold up the shard's sockets.
+async fn next_turn() {
+    // A timer is processed at the start of the next pass, before its I/O.
+    ::glommio::timer::sleep(Duration::from_micros(1)).await;
+    futures_lite::future::yield_now().await;
 }
 
 // ---- waiting for what glommio cannot wait for ----
