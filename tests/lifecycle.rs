@@ -110,6 +110,11 @@ fn shutdown_closes_everyone_with_1001() {
         .map(|i| login(server.addr, &format!("sd-{i}")))
         .collect();
     let mut half_open = tcp(server.addr); // never upgrades
+                                          // connect() returns once the kernel has queued the connection, not once
+                                          // the server has accepted it; one still queued at shutdown is reset.
+    server.wait_for("the half-open connection accepted", |s| {
+        s.get(Counter::Accepted) == 11
+    });
     let addr = server.addr;
     let stopper = std::thread::spawn(move || server.stop());
     for ws in &mut clients {
