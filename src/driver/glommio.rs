@@ -12,10 +12,11 @@
 //!   scratch buffer shared by the shard, then `on_bytes` / `on_eof` /
 //!   `on_error`; when reads end the task asks `on_reads_ended` whether to go
 //!   on;
-//! - **inbox**: drains `on_inbox`, and sleeps on the shard's eventfd
-//!   (`InboxReceiver::sleep` before, `awake` after). No ring descriptor is
-//!   published, so other shards wake this one through its eventfd, and this
-//!   one wakes others the same way;
+//! - **inbox**: drains `on_inbox`, again after each reactor pass while
+//!   messages keep coming (sockets first, as in a uring turn), and sleeps
+//!   on the shard's eventfd (`InboxReceiver::sleep` before, `awake` after).
+//!   No ring descriptor is published, so other shards wake this one
+//!   through its eventfd, and this one wakes others the same way;
 //! - **write watch**: full sockets wait for room in a per-shard epoll set
 //!   (below, why not in glommio);
 //! - **sweep**: `glommio::timer::sleep(sweep_every)`, then [`Shard::sweep`].
@@ -65,6 +66,11 @@
 //!   instead of saying EAGAIN, so it can wait once. [`readable`] wraps a
 //!   fresh `dup` for each wait: a `dup`, one poll and a `close` per sleep.
 //!   Out of descriptors it falls back to a short timer.
+//!
+//! glommio 0.9 itself keeps one eventfd per executor that has run (its
+//! sleep notifier outlives `LocalExecutor::run`): a process that starts
+//! and stops glommio servers, like the tests, leaks one descriptor per
+//! shard each time. A server started once does not notice.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
