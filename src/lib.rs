@@ -66,13 +66,14 @@ pub use push::{Delivery, Kind, Pusher};
 pub use router::{home_of, uid_hash};
 pub use server::{start, ServerHandle};
 
-/// The internals, for the micro-benchmarks in `bench/micro/` only: nothing
-/// here is part of the library's promise.
+/// The internals, for the micro-benchmarks in `bench/micro/` and the fuzz
+/// targets in `fuzz/` only: nothing here is part of the library's promise.
 #[doc(hidden)]
 pub mod internals {
     pub use crate::admission::Admission;
     pub use crate::router::Router;
-    pub use crate::session::handshake;
+    pub use crate::session::{frame, handshake};
+    pub use crate::session::{Action, CloseReason, Limits, Phase, Rules, Session};
     pub use crate::shard::slab::{Key, Slab};
     pub use crate::shard::uid_table::UidTable;
     pub use crate::shard::{Conn, Io, Shard, ShardSettings};

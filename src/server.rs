@@ -15,7 +15,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::admission::Admission;
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
-use crate::driver::{uring, Runtime};
+use crate::driver::{glommio, uring, Runtime};
 use crate::limits::{self, FdLimit};
 use crate::push::Pusher;
 use crate::router::{InboxReceiver, Router, ShardId, ShardMsg};
@@ -179,14 +179,19 @@ impl ShardStart {
                     Err(e)
                 }
             },
-            Runtime::Glommio => {
-                let e = io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "the glommio driver is not built",
-                );
-                let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-                Err(e)
-            }
+            // This thread becomes the shard's glommio executor, pinned (or
+            // not) above like a uring shard.
+            Runtime::Glommio => match glommio::executor(shard.id, &options) {
+                Ok(executor) => {
+                    let _ = ready.send(Ok(()));
+                    drop(ready);
+                    executor.run(glommio::run(shard, self.listener, options))
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
+                    Err(e)
+                }
+            },
         }
     }
 }

@@ -3,6 +3,8 @@
 //! that every connection was established and no message was lost,
 //! duplicated or misrouted.
 
+mod util;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -26,6 +28,7 @@ fn start_server() -> (ServerGuard, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_corepush"))
         .args(["--listen", "127.0.0.1:0", "--shards", "2"])
         .args(["--api-listen", "127.0.0.1:0"]) // tests run side by side
+        .args(util::runtime_args())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

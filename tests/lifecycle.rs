@@ -77,12 +77,52 @@ fn a_reader_that_stops_reading_is_closed_as_slow_consumer_and_others_go_on() {
 }
 
 #[test]
+fn a_reader_that_pauses_gets_every_message_in_order_once_it_reads_again() {
+    let server = TestServer::start_with(2, |c| c.max_outbound_bytes = 64 * 1024 * 1024);
+    // A small kernel buffer, so the server's outbox has to hold most of it.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut paused: TcpStream = socket.into();
+    paused.set_read_timeout(Some(PATIENCE)).unwrap();
+    paused.write_all(UPGRADE.as_bytes()).unwrap();
+    assert!(read_http_head(&mut paused).starts_with("HTTP/1.1 101"));
+    paused.write_all(&client_frame(true, 1, b"paused")).unwrap();
+    assert_eq!(read_frame(&mut paused).unwrap().0, 1, "login reply");
+    let mut sender = login(server.addr, "pauser");
+    let chunk = "p".repeat(16 * 1024);
+    let count = 300;
+    for i in 0..count {
+        send_text(&mut sender, &format!("paused:{i} {chunk}"));
+    }
+    server.wait_for("frames queued for the full socket", |s| {
+        s.get(Counter::FramesQueued) > 0
+    });
+    // Now read: every message, whole and in order, as the socket drains.
+    for i in 0..count {
+        let (op, payload) = read_frame(&mut paused).expect("a queued message");
+        assert_eq!(op, 1);
+        let text = String::from_utf8(payload).unwrap();
+        assert_eq!(text, format!("{i} {chunk}"), "message {i}");
+    }
+    assert_eq!(server.stats().get(Counter::SlowConsumers), 0);
+    paused.write_all(&client_frame(true, 8, &[3, 232])).unwrap();
+    read_close(&mut paused);
+    close(sender);
+}
+
+#[test]
 fn shutdown_closes_everyone_with_1001() {
     let server = TestServer::start(2);
     let mut clients: Vec<Ws> = (0..10)
         .map(|i| login(server.addr, &format!("sd-{i}")))
         .collect();
     let mut half_open = tcp(server.addr); // never upgrades
+                                          // connect() returns once the kernel has queued the connection, not once
+                                          // the server has accepted it; one still queued at shutdown is reset.
+    server.wait_for("the half-open connection accepted", |s| {
+        s.get(Counter::Accepted) == 11
+    });
     let addr = server.addr;
     let stopper = std::thread::spawn(move || server.stop());
     for ws in &mut clients {

@@ -19,8 +19,14 @@
 //! Two drivers run the same shard: [`uring`], the shard's own loop straight
 //! on io_uring (the default), and [`glommio`], the glommio runtime the
 //! project started with, kept runnable while the two are compared
-//! (`--runtime glommio`, docs/decisions.md).
+//! (`--runtime glommio`, docs/decisions.md). They differ in how a socket
+//! is held: under `uring` the shard's descriptor is the only one; under
+//! `glommio` the connection's glommio stream holds a second descriptor of
+//! the same socket (its own, closed by the stream), so a connection costs
+//! two descriptors. Other shards wake a `uring` shard with MSG_RING, a
+//! `glommio` shard through its eventfd.
 
+pub(crate) mod glommio;
 pub(crate) mod uring;
 
 use std::time::Duration;
@@ -66,8 +72,10 @@ impl Default for UringFeatures {
 pub struct DriverOptions {
     /// How often the shard's deadlines are swept.
     pub sweep_every: Duration,
-    /// Spin this long for new work before sleeping (0: sleep at once).
+    /// Spin this long for new work before sleeping (0: sleep at once);
+    /// glommio's spin before parking under the glommio driver.
     pub idle_poll: Duration,
-    /// io_uring features to use where the kernel has them.
+    /// io_uring features to use where the kernel has them (the uring
+    /// driver only).
     pub features: UringFeatures,
 }

@@ -22,15 +22,22 @@ pub type Frame = Arc<[u8]>;
 /// Frame types a server must tell apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opcode {
+    /// A later piece of a fragmented message.
     Continuation,
+    /// A UTF-8 text message (or its first piece).
     Text,
+    /// A binary message (or its first piece).
     Binary,
+    /// The close handshake.
     Close,
+    /// A ping, answered with a pong.
     Ping,
+    /// A pong.
     Pong,
 }
 
 impl Opcode {
+    /// Close, Ping and Pong: at most 125 bytes, never fragmented.
     pub fn is_control(self) -> bool {
         matches!(self, Opcode::Close | Opcode::Ping | Opcode::Pong)
     }
@@ -50,7 +57,9 @@ impl Opcode {
 /// A parsed client frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
+    /// The frame ends its message.
     pub fin: bool,
+    /// What the frame carries.
     pub opcode: Opcode,
     /// Client frames are always masked; the key unmasks the payload.
     pub mask: [u8; 4],
@@ -61,6 +70,7 @@ pub struct Header {
 }
 
 impl Header {
+    /// Header and payload together.
     pub fn frame_len(&self) -> usize {
         self.header_len + self.payload_len
     }
@@ -88,11 +98,17 @@ impl std::error::Error for FrameError {}
 
 /// Close codes corepush sends.
 pub mod close_code {
+    /// The server is going away, or the client was idle too long.
     pub const GOING_AWAY: u16 = 1001;
+    /// A violation of RFC 6455.
     pub const PROTOCOL: u16 = 1002;
+    /// Text that is not UTF-8.
     pub const INVALID_DATA: u16 = 1007;
+    /// Against the server's rules (bad login, slow consumer, rate).
     pub const POLICY: u16 = 1008;
+    /// A message over the size limit.
     pub const TOO_BIG: u16 = 1009;
+    /// The server is busy: try again later.
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 

@@ -89,12 +89,20 @@ pub enum Action<'a> {
     /// Deliver `payload` as one message of type `opcode` to every
     /// connection of `uid`.
     ToUid {
+        /// The recipient uid.
         uid: &'a str,
+        /// Text or binary.
         opcode: Opcode,
+        /// The message to deliver.
         payload: &'a [u8],
     },
     /// Deliver `payload` to every logged-in connection.
-    ToAll { opcode: Opcode, payload: &'a [u8] },
+    ToAll {
+        /// Text or binary.
+        opcode: Opcode,
+        /// The message to deliver.
+        payload: &'a [u8],
+    },
     /// Something for the shard's counters.
     Count(Counter),
 }
@@ -137,8 +145,11 @@ impl Default for Limits {
 /// a logged-in client may send.
 #[derive(Debug)]
 pub struct Rules {
+    /// Sizes and timeouts.
     pub limits: Limits,
+    /// What a login must be.
     pub login: Login,
+    /// What a logged-in client may send.
     pub client_sends: ClientSends,
 }
 
@@ -252,6 +263,7 @@ impl Session {
         }
     }
 
+    /// Where the session is in its life.
     pub fn phase(&self) -> Phase {
         self.phase
     }
