@@ -47,12 +47,16 @@ fn other_bad_requests_get_4xx() {
         http_status(&server, no_key.as_bytes()).0,
         "HTTP/1.1 400 Bad Request"
     );
+    let no_host = UPGRADE.replace("Host: test\r\n", "");
+    let (status, reason) = http_status(&server, no_host.as_bytes());
+    assert_eq!(status, "HTTP/1.1 400 Bad Request");
+    assert!(reason.contains("Host"), "{reason}");
     let endless = format!("GET / HTTP/1.1\r\nX-Pad: {}", "p".repeat(10_000));
     assert_eq!(
         http_status(&server, endless.as_bytes()).0,
         "HTTP/1.1 431 Request Header Fields Too Large"
     );
-    server.wait_for("failures counted", |s| s.get(Counter::HandshakeFailed) == 4);
+    server.wait_for("failures counted", |s| s.get(Counter::HandshakeFailed) == 5);
     server.assert_serving();
 }
 

@@ -26,6 +26,32 @@ fn invalid_utf8_text_closes_with_1007() {
 }
 
 #[test]
+fn invalid_utf8_fails_as_soon_as_it_arrives_not_at_the_end_of_the_message() {
+    let server = TestServer::start(2);
+    // A fragmented text message whose second fragment holds an invalid
+    // byte: the final fragment never comes, yet the close does.
+    let mut s = raw_login(server.addr, "fail-fast");
+    s.write_all(&client_frame(false, 1, b"fail-fast:fine so far"))
+        .unwrap();
+    s.write_all(&client_frame(false, 0, b" then \xff")).unwrap();
+    assert_eq!(
+        read_close(&mut s),
+        (1007, "text message is not valid UTF-8".into())
+    );
+    // One frame whose payload is still arriving: the invalid bytes are in,
+    // the rest of the frame is not.
+    let mut s = raw_login(server.addr, "fail-fast-2");
+    let frame = client_frame(
+        true,
+        1,
+        &[b"fail-fast-2:".as_slice(), &[0xc0, 0xaf], &[b'x'; 200]].concat(),
+    );
+    s.write_all(&frame[..frame.len() - 100]).unwrap();
+    assert_eq!(read_close(&mut s).0, 1007);
+    server.assert_serving();
+}
+
+#[test]
 fn too_big_closes_with_1009_before_the_payload_is_read() {
     let server = TestServer::start(2);
     let mut ws = login(server.addr, "big");

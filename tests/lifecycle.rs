@@ -112,6 +112,75 @@ fn a_reader_that_pauses_gets_every_message_in_order_once_it_reads_again() {
 }
 
 #[test]
+fn a_client_that_half_closes_still_gets_what_was_queued_for_it() {
+    let server = TestServer::start_with(2, |c| c.max_outbound_bytes = 64 * 1024 * 1024);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut reader: TcpStream = socket.into();
+    reader.set_read_timeout(Some(PATIENCE)).unwrap();
+    reader.write_all(UPGRADE.as_bytes()).unwrap();
+    assert!(read_http_head(&mut reader).starts_with("HTTP/1.1 101"));
+    reader.write_all(&client_frame(true, 1, b"half")).unwrap();
+    assert_eq!(read_frame(&mut reader).unwrap().0, 1, "login reply");
+    let mut sender = login(server.addr, "half-sender");
+    let chunk = "h".repeat(16 * 1024);
+    let count = 400; // more than the kernel's buffers take
+    for i in 0..count {
+        send_text(&mut sender, &format!("half:{i} {chunk}"));
+    }
+    // Every message is written or queued for the reader (a message that
+    // arrives after the reader has left is not for it).
+    server.wait_for("every message taken in for the full socket", |s| {
+        s.get(Counter::MessagesOut) == count && s.get(Counter::FramesQueued) > 0
+    });
+    // The client sends FIN (no close frame) and goes on reading.
+    reader.shutdown(std::net::Shutdown::Write).unwrap();
+    for i in 0..count {
+        let (op, payload) = read_frame(&mut reader)
+            .unwrap_or_else(|| panic!("queued message {i} of {count} lost: {:?}", server.stats()));
+        assert_eq!(
+            (op, String::from_utf8(payload).unwrap()),
+            (1, format!("{i} {chunk}"))
+        );
+    }
+    assert!(
+        read_to_end(&mut reader).is_empty(),
+        "then the server closes"
+    );
+    server.wait_for("the half-closed connection is gone", |s| {
+        s.get(Counter::LoggedIn) == 1 && s.get(Counter::Connections) == 1
+    });
+    close(sender);
+}
+
+#[test]
+fn logins_racing_a_shutdown_all_get_a_close_frame_or_a_status() {
+    // Many logins, about half of them moving to another shard, while the
+    // server stops: none may vanish without a word.
+    let server = TestServer::start(2);
+    let addr = server.addr;
+    let mut clients: Vec<TcpStream> = (0..200).map(|_| raw_upgraded(addr)).collect();
+    for (i, s) in clients.iter_mut().enumerate() {
+        s.write_all(&client_frame(true, 1, format!("racer-{i}").as_bytes()))
+            .unwrap();
+    }
+    let stopper = std::thread::spawn(move || server.stop());
+    for (i, s) in clients.iter_mut().enumerate() {
+        // The login reply (if the login won the race), then the close.
+        let first = read_frame(s).unwrap_or_else(|| panic!("client {i} got nothing"));
+        let close = match first {
+            (1, _) => read_frame(s).unwrap_or_else(|| panic!("client {i}: no close frame")),
+            other => other,
+        };
+        assert_eq!(close.0, 8, "client {i}: {close:?}");
+        let code = u16::from_be_bytes([close.1[0], close.1[1]]);
+        assert_eq!(code, 1001, "client {i}");
+    }
+    stopper.join().unwrap();
+}
+
+#[test]
 fn shutdown_closes_everyone_with_1001() {
     let server = TestServer::start(2);
     let mut clients: Vec<Ws> = (0..10)
