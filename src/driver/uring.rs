@@ -215,16 +215,13 @@ impl Driver {
             }
         } else if res != -libc::ECANCELED {
             let error = io::Error::from_raw_os_error(-res);
-            if limits::is_fd_exhaustion(&error) {
-                shard.stats.inc(Counter::AcceptFdExhausted);
+            let counter;
+            (counter, backoff_ms) = accept_failure(&error);
+            shard.stats.inc(counter);
+            if counter == Counter::AcceptFdExhausted {
                 self.warn_fd_exhaustion(shard, &error);
-                backoff_ms = 50;
             } else {
-                // Not ours to fix (the client reset, a transient error):
-                // retry shortly rather than spin on it.
-                shard.stats.inc(Counter::AcceptFailed);
                 debug!(shard = shard.id, %error, "accept failed");
-                backoff_ms = 10;
             }
         }
         if !cqueue::more(flags) {
@@ -469,6 +466,18 @@ impl Driver {
     }
 }
 
+/// How a failed accept is counted, and how long (ms) to wait before
+/// accepting again: out of descriptors, long enough for some to free up;
+/// anything else (a client that reset, a transient error) is not ours to
+/// fix, but is retried after a pause rather than in a tight loop.
+fn accept_failure(error: &io::Error) -> (Counter, u64) {
+    if limits::is_fd_exhaustion(error) {
+        (Counter::AcceptFdExhausted, 50)
+    } else {
+        (Counter::AcceptFailed, 10)
+    }
+}
+
 /// Builds a ring with the best setup flags the kernel takes, falling back
 /// one step at a time: SINGLE_ISSUER + DEFER_TASKRUN, then COOP_TASKRUN,
 /// then none.
@@ -618,4 +627,29 @@ fn map(len: usize) -> io::Result<*mut u8> {
         return Err(io::Error::last_os_error());
     }
     Ok(ptr.cast())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_accept_is_counted_and_retried_after_a_pause() {
+        let failure = |errno| accept_failure(&io::Error::from_raw_os_error(errno));
+        assert_eq!(failure(libc::EMFILE), (Counter::AcceptFdExhausted, 50));
+        assert_eq!(failure(libc::ENFILE), (Counter::AcceptFdExhausted, 50));
+        assert_eq!(failure(libc::ECONNABORTED), (Counter::AcceptFailed, 10));
+        assert_eq!(failure(libc::EPROTO), (Counter::AcceptFailed, 10));
+    }
+
+    #[test]
+    fn user_data_carries_a_tag_and_a_key() {
+        let mut slab = crate::shard::slab::Slab::default();
+        let key = slab.insert(());
+        for tag in [TAG_ACCEPT, TAG_RECV, TAG_WRITABLE, TAG_WAKE, TAG_EVENTFD] {
+            let data = user_data(tag, key);
+            assert_eq!(data >> TAG_SHIFT, tag);
+            assert_eq!(Key::from_bits(data), key);
+        }
+    }
 }
