@@ -177,7 +177,8 @@ pub struct Session {
     rate_second: u16,
     rate_count: u16,
     /// When the current phase must end (Handshake, Login, LoggingIn,
-    /// Closing, Draining), in the shard's ms; unused while open.
+    /// Closing, Draining), in the shard's ms; while open, when a ping sent
+    /// must have been answered.
     deadline: u64,
     /// When bytes last arrived, for pings and the idle timeout.
     last_rx: u64,
@@ -294,13 +295,12 @@ impl Session {
     /// When [`Session::on_timer`] has something to do (shard ms).
     pub fn poll_at(&self, rules: &Rules) -> u64 {
         match self.phase {
+            // Pinged: the answer is due by the deadline set with the ping.
+            Phase::Open if self.ping_sent => self.deadline,
             Phase::Open => {
-                let idle = self.last_rx.saturating_add(rules.limits.idle_timeout_ms);
-                if self.ping_sent {
-                    idle
-                } else {
-                    idle.min(self.last_rx.saturating_add(rules.limits.ping_interval_ms))
-                }
+                let limits = &rules.limits;
+                let silence = limits.ping_interval_ms.min(limits.idle_timeout_ms);
+                self.last_rx.saturating_add(silence)
             }
             Phase::Done => u64::MAX,
             _ => self.deadline,
@@ -322,12 +322,21 @@ impl Session {
                 out(Action::Count(Counter::Timeouts));
                 self.close_with(now, rules, close_code::POLICY, "login timeout", out);
             }
-            Phase::Open if now.saturating_sub(self.last_rx) >= rules.limits.idle_timeout_ms => {
+            // A connection is closed as idle only once a ping went
+            // unanswered for the rest of the idle timeout: after a stall of
+            // the server's own, a silent client is pinged first.
+            Phase::Open
+                if self.ping_sent
+                    || rules.limits.ping_interval_ms >= rules.limits.idle_timeout_ms =>
+            {
                 out(Action::Count(Counter::Timeouts));
                 self.close_with(now, rules, close_code::GOING_AWAY, "idle timeout", out);
             }
             Phase::Open => {
+                let limits = &rules.limits;
                 self.ping_sent = true;
+                self.deadline =
+                    now.saturating_add(limits.idle_timeout_ms - limits.ping_interval_ms);
                 out(Action::Ping);
             }
             Phase::Closing | Phase::Draining => self.set_phase(Phase::Done, now, rules),

@@ -331,8 +331,34 @@ fn deadlines_and_pings() {
     );
     assert_eq!(session.poll_at(&rules), 55_000, "a pong resets the clock");
     did.clear();
+    session.on_timer(55_000, &rules, &mut record(&mut did));
+    assert_eq!(did, [Did::Ping]);
+    did.clear();
+    session.on_timer(89_999, &rules, &mut record(&mut did));
+    assert!(did.is_empty(), "the answer is due 35 s after the ping");
     session.on_timer(90_000, &rules, &mut record(&mut did));
     assert_eq!(close_of(&did), Some((1001, "idle timeout".into())));
+}
+
+#[test]
+fn after_a_stall_of_the_server_a_silent_client_is_pinged_before_it_is_closed() {
+    let rules = Rules::default();
+    let (mut session, _) = run(&upgraded_and_logged_in("u"));
+    let mut did = Vec::new();
+    // The shard did not run for 100 s: far past the idle timeout.
+    session.on_timer(100_000, &rules, &mut record(&mut did));
+    assert_eq!(did, [Did::Ping], "pinged, not closed");
+    // It answers: it stays.
+    session.on_bytes(
+        100_050,
+        &rules,
+        &mut client_frame(true, 10, b""),
+        &mut record(&mut did),
+    );
+    did.clear();
+    session.on_timer(136_000, &rules, &mut record(&mut did));
+    assert_eq!(did, [Did::Ping], "silent again for the ping interval");
+    assert_eq!(session.phase(), Phase::Open);
 }
 
 #[test]
