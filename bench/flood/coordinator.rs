@@ -8,6 +8,7 @@
 //! broadcast, sweep, teardown), `setup.rs` is everything before them and
 //! `workers.rs` the worker processes and their pipes.
 
+mod api;
 mod broadcast;
 mod calibrate;
 mod connect;
@@ -274,6 +275,10 @@ pub fn run(args: &Args) -> i32 {
     let mut targeted_hist = new_hist();
     if args.msgs > 0 && live {
         targeted_hist = targeted::targeted(&mut ctx, &mut sum);
+    }
+    // After the WebSocket targeted phase, so the two compare.
+    if args.push_via_api.is_some() && live {
+        api::run(&mut ctx, &mut sum, &targeted_hist);
     }
     let mut bcast_last = new_hist();
     if args.broadcasts > 0 && live {

@@ -10,6 +10,7 @@ mod calibrate;
 mod client;
 mod conn;
 mod coordinator;
+mod http;
 mod ledger;
 mod payload;
 mod proc_stats;
@@ -118,6 +119,38 @@ pub struct Args {
     /// p99 latency (ms) above which a sweep step is not sustained.
     #[arg(long, default_value_t = 5.0, requires = "sweep")]
     pub sweep_p99_ms: f64,
+
+    /// Push targeted messages through the server's HTTP API at this
+    /// address (host:port) too, after the WebSocket targeted phase: single
+    /// pushes (POST /push/{uid}) then batches (POST /push), each first
+    /// paced (the targeted phase's schedule and rate: latency comparable
+    /// with it) then flat out (--api-msgs: requests and pushes per second);
+    /// API-to-client latency, the same exactly-once and order checks.
+    #[arg(long, value_name = "ADDR")]
+    pub push_via_api: Option<String>,
+
+    /// Bearer token for the HTTP API (`Authorization: Bearer T`).
+    #[arg(long, env = "COREPUSH_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Messages per batch request (POST /push).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub api_batch: u32,
+
+    /// Keep-alive HTTP connections pushing at once, one request in flight
+    /// each (schedule sender s pushes on connection s % N, so each pair
+    /// keeps its order).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub api_conns: u32,
+
+    /// Pushes per second of the paced API steps, all connections together
+    /// (default: --msg-rate; 0: no paced steps). They send --msgs messages.
+    #[arg(long)]
+    pub api_rate: Option<f64>,
+
+    /// Messages of each flat-out API step.
+    #[arg(long, default_value_t = 50_000)]
+    pub api_msgs: u32,
 
     /// Skip the bare-TCP calibration.
     #[arg(long)]

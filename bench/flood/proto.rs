@@ -24,6 +24,10 @@ pub enum Traffic {
     Churn,
     /// One step of the throughput sweep.
     Sweep,
+    /// The targeted schedule pushed through the server's HTTP API by the
+    /// coordinator (`--push-via-api`): workers send nothing, they only
+    /// check what their connections receive.
+    Api,
 }
 
 impl Traffic {
@@ -32,7 +36,13 @@ impl Traffic {
             Traffic::Targeted => "targeted",
             Traffic::Churn => "churn",
             Traffic::Sweep => "sweep",
+            Traffic::Api => "api",
         }
+    }
+
+    /// Whether the workers send the run's messages themselves.
+    pub fn workers_send(self) -> bool {
+        self != Traffic::Api
     }
 }
 
@@ -45,6 +55,7 @@ pub enum Phase {
     Targeted,
     Churn,
     Sweep,
+    Api,
     Teardown,
 }
 
@@ -56,6 +67,7 @@ impl Phase {
             Phase::Targeted => "targeted",
             Phase::Churn => "churn",
             Phase::Sweep => "sweep",
+            Phase::Api => "api",
             Phase::Teardown => "teardown",
         }
     }
@@ -67,6 +79,7 @@ impl From<Traffic> for Phase {
             Traffic::Targeted => Phase::Targeted,
             Traffic::Churn => Phase::Churn,
             Traffic::Sweep => Phase::Sweep,
+            Traffic::Api => Phase::Api,
         }
     }
 }
@@ -293,6 +306,8 @@ pub enum Event {
         msg: String,
     },
     ConnectDone(ConnectReport),
+    /// An API run (`Traffic::Api`) is set up: its messages may come.
+    TargetedArmed,
     /// Every message of the run was sent, every steady one expected here
     /// arrived and every churned connection is back (or failed to be).
     TargetedDone,

@@ -146,6 +146,7 @@ impl Workers {
         let (done_what, other_what) = match phase {
             Some(Phase::Connect) => ("established", "failed"),
             Some(Phase::Targeted | Phase::Churn | Phase::Sweep) => ("sent", "delivered"),
+            Some(Phase::Api) => ("delivered", "misrouted"),
             Some(Phase::Teardown) => ("closed", "unclean"),
             Some(Phase::CalibrateConnect) | None => ("connected", "failed"),
         };
