@@ -4,9 +4,10 @@
 //! memory and CPU, and prints the report.
 //!
 //! `run` is the order of the phases; each phase is one file under
-//! `coordinator/` (calibrate, connect, hold, targeted and churn,
+//! `coordinator/` (calibrate, connect, hold, targeted and churn, api,
 //! broadcast, sweep, teardown), `setup.rs` is everything before them and
-//! `workers.rs` the worker processes and their pipes.
+//! `workers.rs` the worker processes and their pipes. The churn soak
+//! (`soak.rs`) is a mode of its own, with phases of its own.
 
 mod api;
 mod broadcast;
@@ -14,6 +15,7 @@ mod calibrate;
 mod connect;
 mod hold;
 mod setup;
+mod soak;
 mod sweep;
 mod targeted;
 mod teardown;
@@ -257,6 +259,12 @@ pub fn run(args: &Args) -> i32 {
         Err(code) => return code,
     };
     let mut sum = Summary::default();
+
+    if args.soak_conns.is_some() {
+        soak::run(&mut ctx, &mut sum);
+        ctx.workers.shutdown();
+        return sum.finish(args);
+    }
 
     let floor = if args.no_calibrate {
         None

@@ -89,6 +89,26 @@ impl HttpConn {
         self.round_trip(&req)
     }
 
+    /// `GET path`; with `close`, asks the server to close the connection
+    /// after the answer (and closes it here too).
+    pub fn get(&mut self, path: &str, close: bool) -> io::Result<Response> {
+        let mut req = Vec::with_capacity(128);
+        write!(
+            req,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{}",
+            self.host, self.auth
+        )?;
+        if close {
+            req.extend_from_slice(b"Connection: close\r\n");
+        }
+        req.extend_from_slice(b"\r\n");
+        let r = self.round_trip(&req);
+        if close {
+            self.close();
+        }
+        r
+    }
+
     /// Writes one request and reads its answer. A request is never retried:
     /// a push may have happened even when its answer was lost.
     fn round_trip(&mut self, req: &[u8]) -> io::Result<Response> {
@@ -309,7 +329,7 @@ mod tests {
         );
         let r = c.post("/push", "application/json", b"[]").unwrap();
         assert_eq!((r.status, r.body.as_slice()), (200, &b"{\"a\":1}"[..]));
-        let r = c.post("/stats", "text/plain", b"").unwrap();
+        let r = c.get("/stats", false).unwrap();
         assert_eq!((r.status, r.close), (401, true));
         let seen = String::from_utf8(server.join().unwrap()).unwrap();
         assert!(
@@ -320,7 +340,7 @@ mod tests {
             "{seen}"
         );
         assert!(
-            seen.contains("\r\n\r\n[]|POST /stats HTTP/1.1\r\n"),
+            seen.contains("\r\n\r\n[]|GET /stats HTTP/1.1\r\n"),
             "{seen}"
         );
     }

@@ -152,6 +152,50 @@ pub struct Args {
     #[arg(long, default_value_t = 50_000)]
     pub api_msgs: u32,
 
+    /// Churn soak: this many short connections (connect, then disconnect:
+    /// clean, abrupt reset, or half-open left to the server's timeouts, as
+    /// --soak-mix says), as fast as the host allows, while the --conns
+    /// steady connections carry targeted traffic (--msgs at --msg-rate,
+    /// round after round, checked as usual). Then teardown, and the
+    /// server's connection and uid counts (GET /stats on --stats-api), open
+    /// descriptors and RSS (--server-pid) must be back to their baseline.
+    /// Runs instead of the other phases.
+    #[arg(long, value_name = "N")]
+    pub soak_conns: Option<u64>,
+
+    /// Weights of the soak's kinds: clean, abrupt, unlogged (upgraded,
+    /// never logged in), silent (logged in, then silent).
+    #[arg(long, value_delimiter = ',', default_value = "1,1,1,1", num_args = 1)]
+    pub soak_mix: Vec<u32>,
+
+    /// Soak connections open at once per worker (half-open ones included).
+    #[arg(long, default_value_t = 4096)]
+    pub soak_slots: u32,
+
+    /// Seconds a half-open soak connection waits for the server to close it
+    /// before it counts as not reaped (a failure).
+    #[arg(long, default_value_t = 30.0)]
+    pub soak_reap_secs: f64,
+
+    /// Milliseconds a silent soak connection keeps its socket after the
+    /// server closed it (the server must then drop it on its own, after
+    /// its --close-timeout-ms).
+    #[arg(long, default_value_t = 2500.0)]
+    pub soak_linger_ms: f64,
+
+    /// Seconds the server gets after the soak to bring its counts,
+    /// descriptors and RSS back.
+    #[arg(long, default_value_t = 30.0)]
+    pub soak_settle_secs: f64,
+
+    /// How far above its baseline the server's RSS may end the soak.
+    #[arg(long, default_value_t = 0.10)]
+    pub soak_rss_tolerance: f64,
+
+    /// The server's HTTP API, for GET /stats in the soak.
+    #[arg(long, default_value = "127.0.0.1:1235", value_name = "ADDR")]
+    pub stats_api: String,
+
     /// Skip the bare-TCP calibration.
     #[arg(long)]
     pub no_calibrate: bool,

@@ -148,6 +148,7 @@ impl Workers {
             Some(Phase::Targeted | Phase::Churn | Phase::Sweep) => ("sent", "delivered"),
             Some(Phase::Api) => ("delivered", "misrouted"),
             Some(Phase::Teardown) => ("closed", "unclean"),
+            Some(Phase::Soak) => ("cycles done", "failed"),
             Some(Phase::CalibrateConnect) | None => ("connected", "failed"),
         };
         let phase = phase.map_or("", Phase::name);
@@ -172,6 +173,26 @@ impl Workers {
                 self.backlog.push_back(ev);
             }
         }
+    }
+
+    /// Takes the events `pick` wants that have arrived, without waiting.
+    pub fn take_ready<T>(&mut self, pick: impl Fn(Event) -> Result<T, Event>) -> Vec<T> {
+        self.drain_progress();
+        let mut got = Vec::new();
+        let mut keep = VecDeque::new();
+        while let Some(ev) = self.backlog.pop_front() {
+            match pick(ev) {
+                Ok(t) => got.push(t),
+                Err(ev) => keep.push_back(ev),
+            }
+        }
+        self.backlog = keep;
+        got
+    }
+
+    /// The `done` figures of the workers' latest progress, summed.
+    pub fn progress_done(&self) -> u64 {
+        self.progress.iter().map(|p| p.1).sum()
     }
 
     /// Waits until `pick` took `n` events or `timeout` passed, and returns
