@@ -266,3 +266,74 @@ fn pushes_through_the_api_are_exact() {
     );
     assert_eq!(report["api"]["ok"], false, "{context}");
 }
+
+#[test]
+fn churn_soak_leaves_the_server_as_it_found_it() {
+    // Short timeouts, so the half-open connections are reaped within the
+    // run (as scripts/soak.sh does).
+    let (server, addrs) = start_server(&[
+        "--handshake-timeout-ms",
+        "500",
+        "--login-timeout-ms",
+        "500",
+        "--ping-interval-ms",
+        "500",
+        "--idle-timeout-ms",
+        "1500",
+        "--close-timeout-ms",
+        "250",
+    ]);
+    let cycles = 2000;
+    let (report, success, context) = flood(&[
+        "--target",
+        &addrs.ws,
+        "--stats-api",
+        &addrs.api,
+        "--server-pid",
+        &server.0.id().to_string(),
+        "--conns",
+        "100",
+        "--procs",
+        "2",
+        "--msgs",
+        "500",
+        "--msg-rate",
+        "500",
+        "--soak-conns",
+        &cycles.to_string(),
+        "--soak-slots",
+        "500",
+        "--soak-linger-ms",
+        "450",
+        "--soak-reap-secs",
+        "10",
+        "--no-hgrm",
+        "--json",
+    ]);
+    let s = &report["soak"];
+    assert_eq!(s["done"], cycles, "{context}");
+    assert_eq!(s["failures"], 0, "{context}");
+    let c = &s["counts"];
+    for kind in ["clean", "abrupt", "unlogged_reaped", "silent_reaped"] {
+        assert!(c[kind].as_u64().unwrap_or(0) > 300, "{kind}: {context}");
+    }
+    let t = &s["traffic"];
+    assert!(t["rounds"].as_u64().unwrap_or(0) >= 1, "{context}");
+    assert_eq!(t["sent"], t["delivered"], "{context}");
+    for key in ["lost", "duplicated", "misrouted", "reordered"] {
+        assert_eq!(t[key], 0, "traffic.{key}: {context}");
+    }
+    for check in ["soak", "traffic", "counts_zero", "fds_back", "rss_back"] {
+        assert_eq!(s["checks"][check], true, "{check}: {context}");
+    }
+    let after = &s["server"]["after"];
+    for gauge in ["connections", "logged_in", "local_uids"] {
+        assert_eq!(after["counts"][gauge], 0, "{gauge}: {context}");
+    }
+    assert!(
+        after["fds"].as_u64() <= s["server"]["before"]["fds"].as_u64(),
+        "{context}"
+    );
+    assert_eq!(report["ok"], true, "{context}");
+    assert!(success, "{context}");
+}
