@@ -17,7 +17,9 @@ use super::workers::split;
 use super::{connect, mib, teardown, Ctx, Summary};
 use crate::http::HttpConn;
 use crate::proc_stats;
-use crate::proto::{pick, Command, Event, SoakCounts, SoakPlan, SoakReport, Traffic, TrafficPlan};
+use crate::proto::{
+    pick, Command, Event, Phase, SoakCounts, SoakPlan, SoakReport, Traffic, TrafficPlan,
+};
 use crate::report::{merge_counts, merged, new_hist, summary_json};
 use crate::sys;
 use hdrhistogram::Histogram;
@@ -325,7 +327,7 @@ pub fn run(ctx: &mut Ctx, sum: &mut Summary) {
             sampler.poll(ctx);
         }
         reports.extend(ctx.workers.take_ready(pick!(Event::SoakDone(r) => r)));
-        let done = ctx.workers.progress_done();
+        let done = ctx.workers.progress_done(Phase::Soak);
         if done != last_done {
             (last_done, last_change) = (done, Instant::now());
         } else if last_change.elapsed() > stall && reports.len() < procs {
