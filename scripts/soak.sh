@@ -6,12 +6,15 @@
 # Builds in release mode, starts
 #
 #   corepush --listen 127.0.0.1:$SOAK_PORT --api-listen 127.0.0.1:$SOAK_API_PORT
-#            --shards $(nproc) --no-pin --handshake-timeout-ms 1000
-#            --login-timeout-ms 1000 --ping-interval-ms 1000
-#            --idle-timeout-ms 2000 --close-timeout-ms 500
+#            --shards $(nproc) --no-pin --handshake-timeout-ms 5000
+#            --login-timeout-ms 1500 --ping-interval-ms 1000
+#            --idle-timeout-ms 5000 --close-timeout-ms 500
 #
-# (short timeouts, so the half-open connections are reaped within the run;
-# --no-pin because the flood shares the cores), then runs corepush-flood
+# (short login, idle and close timeouts, so the half-open connections are
+# reaped within the run; the idle timeout 4 s past the ping, and a long
+# handshake timeout, so that a stall of the host of a second or two does
+# not close live connections; --no-pin because the flood shares the
+# cores), then runs corepush-flood
 # --soak-conns TOTAL (default 1,000,000): TOTAL connects and disconnects,
 # a quarter each clean, abrupt (reset), unlogged (upgraded, never logged
 # in) and silent (logged in, then silent), as fast as the host allows,
@@ -35,7 +38,7 @@ PORT="${SOAK_PORT:-1236}"
 API_PORT="${SOAK_API_PORT:-1237}"
 SHARDS="${SOAK_SHARDS:-$(nproc)}"
 CLOSE_MS="${SOAK_CLOSE_MS:-500}"
-SERVER_FLAGS="${SOAK_SERVER_FLAGS:---no-pin --handshake-timeout-ms 1000 --login-timeout-ms 1000 --ping-interval-ms 1000 --idle-timeout-ms 2000 --close-timeout-ms $CLOSE_MS}"
+SERVER_FLAGS="${SOAK_SERVER_FLAGS:---no-pin --handshake-timeout-ms 5000 --login-timeout-ms 1500 --ping-interval-ms 1000 --idle-timeout-ms 5000 --close-timeout-ms $CLOSE_MS}"
 STEADY="${SOAK_STEADY:-1000}"
 PROCS="${SOAK_PROCS:-2}"
 MSGS="${SOAK_MSGS:-5000}"
@@ -110,7 +113,7 @@ set -x
 "$TARGET_DIR/release/corepush-flood" \
     --target "127.0.0.1:$PORT" --stats-api "127.0.0.1:$API_PORT" --server-pid "$server" \
     --conns "$STEADY" --procs "$PROCS" --msgs "$MSGS" --msg-rate "$RATE" \
-    --soak-conns "$TOTAL" --soak-slots "$SLOTS" --soak-reap-secs 10 \
+    --soak-conns "$TOTAL" --soak-slots "$SLOTS" --soak-reap-secs 20 \
     --soak-linger-ms $((CLOSE_MS + 200)) "$@"
 rc=$?
 { set +x; } 2>/dev/null
