@@ -7,14 +7,14 @@
 #
 #   corepush --listen 127.0.0.1:$SOAK_PORT --api-listen 127.0.0.1:$SOAK_API_PORT
 #            --shards $(nproc) --no-pin --handshake-timeout-ms 5000
-#            --login-timeout-ms 1500 --ping-interval-ms 1000
+#            --login-timeout-ms 3000 --ping-interval-ms 1000
 #            --idle-timeout-ms 5000 --close-timeout-ms 500
 #
 # (short login, idle and close timeouts, so the half-open connections are
-# reaped within the run; the idle timeout 4 s past the ping, and a long
-# handshake timeout, so that a stall of the host of a second or two does
-# not close live connections; --no-pin because the flood shares the
-# cores), then runs corepush-flood
+# reaped within the run, yet some seconds long, so that a stall of a busy
+# host does not fail a live connection's upgrade or login, nor close a
+# steady connection: 4 s past the ping; --no-pin because the flood shares
+# the cores), then runs corepush-flood
 # --soak-conns TOTAL (default 1,000,000): TOTAL connects and disconnects,
 # a quarter each clean, abrupt (reset), unlogged (upgraded, never logged
 # in) and silent (logged in, then silent), as fast as the host allows,
@@ -38,7 +38,7 @@ PORT="${SOAK_PORT:-1236}"
 API_PORT="${SOAK_API_PORT:-1237}"
 SHARDS="${SOAK_SHARDS:-$(nproc)}"
 CLOSE_MS="${SOAK_CLOSE_MS:-500}"
-SERVER_FLAGS="${SOAK_SERVER_FLAGS:---no-pin --handshake-timeout-ms 5000 --login-timeout-ms 1500 --ping-interval-ms 1000 --idle-timeout-ms 5000 --close-timeout-ms $CLOSE_MS}"
+SERVER_FLAGS="${SOAK_SERVER_FLAGS:---no-pin --handshake-timeout-ms 5000 --login-timeout-ms 3000 --ping-interval-ms 1000 --idle-timeout-ms 5000 --close-timeout-ms $CLOSE_MS}"
 STEADY="${SOAK_STEADY:-1000}"
 PROCS="${SOAK_PROCS:-2}"
 MSGS="${SOAK_MSGS:-5000}"

@@ -277,7 +277,7 @@ fn churn_soak_leaves_the_server_as_it_found_it() {
         "--handshake-timeout-ms",
         "6000",
         "--login-timeout-ms",
-        "500",
+        "1500",
         "--ping-interval-ms",
         "500",
         "--idle-timeout-ms",
