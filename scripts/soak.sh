@@ -54,7 +54,8 @@ esac
 # leave after the steady ones and a reserve of 2000 (the server still
 # holds some the flood is done with: it closes after the client), shared by
 # the workers, at most 9000 each (one worker process holds hard-limit -
-# 100). At 20000 that is 8500, and the server peaked at 18,541 descriptors.
+# 100). At 20000 that is 8500 (the server peaked at 18,018 descriptors;
+# with 9000 it reached 19,006 of its ~19,950).
 hard=$(ulimit -Hn)
 if [ "$hard" = unlimited ]; then hard=1048576; fi
 room=$(((hard - 2000 - STEADY) / PROCS))
