@@ -11,14 +11,18 @@
 #
 # Environment: FLOOD_SERVER_FLAGS (extra corepush flags, e.g. --no-pin when
 # the client shares the server's cores, as it does on a small host),
-# FLOOD_PORT (1234), FLOOD_SHARDS (nproc), FLOOD_PROCS (client
-# processes; default from the fd limit), FLOOD_MSGS (25000), FLOOD_RATE
-# (5000 msg/s), FLOOD_BROADCASTS (10), FLOOD_HOLD (10 s), FLOOD_CHURN (0.05).
+# FLOOD_PORT (1234), FLOOD_API_PORT (1235: the server's --api-listen on
+# 127.0.0.1), FLOOD_PUSH_VIA_API (1: also push the targeted schedule
+# through that API, --push-via-api), FLOOD_SHARDS (nproc), FLOOD_PROCS
+# (client processes; default from the fd limit), FLOOD_MSGS (25000),
+# FLOOD_RATE (5000 msg/s), FLOOD_BROADCASTS (10), FLOOD_HOLD (10 s),
+# FLOOD_CHURN (0.05).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 PORT="${FLOOD_PORT:-1234}"
+API_PORT="${FLOOD_API_PORT:-1235}"
 SHARDS="${FLOOD_SHARDS:-$(nproc)}"
 SERVER_FLAGS="${FLOOD_SERVER_FLAGS:-}"
 MSGS="${FLOOD_MSGS:-25000}"
@@ -37,6 +41,10 @@ per_proc=$((hard - RESERVE))
 
 N="${1:-$server_max}"
 shift || true
+API_FLAGS=()
+if [ "${FLOOD_PUSH_VIA_API:-0}" = 1 ]; then
+    API_FLAGS=(--push-via-api "127.0.0.1:$API_PORT")
+fi
 case "$N" in
     '' | *[!0-9]*) echo "usage: $0 [N] [corepush-flood flags...]" >&2; exit 2 ;;
 esac
@@ -79,7 +87,8 @@ fi
 
 log=$(mktemp /tmp/corepush-server.XXXXXX.log)
 # shellcheck disable=SC2086 # SERVER_FLAGS is a list of flags
-"$TARGET_DIR/release/corepush" --listen "127.0.0.1:$PORT" --shards "$SHARDS" $SERVER_FLAGS 2>"$log" &
+"$TARGET_DIR/release/corepush" --listen "127.0.0.1:$PORT" --api-listen "127.0.0.1:$API_PORT" \
+    --shards "$SHARDS" $SERVER_FLAGS 2>"$log" &
 server=$!
 stop_server() {
     if kill -0 "$server" 2>/dev/null; then
@@ -111,7 +120,7 @@ set -x
 "$TARGET_DIR/release/corepush-flood" \
     --target "127.0.0.1:$PORT" --conns "$N" --procs "$PROCS" --server-pid "$server" \
     --hold-secs "$HOLD" --msgs "$MSGS" --msg-rate "$RATE" \
-    --broadcasts "$BROADCASTS" --churn "$CHURN" "$@"
+    --broadcasts "$BROADCASTS" --churn "$CHURN" ${API_FLAGS[@]+"${API_FLAGS[@]}"} "$@"
 rc=$?
 { set +x; } 2>/dev/null
 echo "== server log tail:" >&2

@@ -166,6 +166,11 @@ impl Client {
         self.owns(g).then(|| (g - self.base) as usize)
     }
 
+    /// The servers connections go to.
+    pub fn targets(&self) -> &[SocketAddrV4] {
+        &self.targets
+    }
+
     /// The source addresses connections bind (empty: the kernel chooses).
     pub fn sources(&self) -> &[Ipv4Addr] {
         &self.sources

@@ -4,15 +4,18 @@
 //! memory and CPU, and prints the report.
 //!
 //! `run` is the order of the phases; each phase is one file under
-//! `coordinator/` (calibrate, connect, hold, targeted and churn,
+//! `coordinator/` (calibrate, connect, hold, targeted and churn, api,
 //! broadcast, sweep, teardown), `setup.rs` is everything before them and
-//! `workers.rs` the worker processes and their pipes.
+//! `workers.rs` the worker processes and their pipes. The churn soak
+//! (`soak.rs`) is a mode of its own, with phases of its own.
 
+mod api;
 mod broadcast;
 mod calibrate;
 mod connect;
 mod hold;
 mod setup;
+mod soak;
 mod sweep;
 mod targeted;
 mod teardown;
@@ -257,6 +260,12 @@ pub fn run(args: &Args) -> i32 {
     };
     let mut sum = Summary::default();
 
+    if args.soak_conns.is_some() {
+        soak::run(&mut ctx, &mut sum);
+        ctx.workers.shutdown();
+        return sum.finish(args);
+    }
+
     let floor = if args.no_calibrate {
         None
     } else {
@@ -274,6 +283,10 @@ pub fn run(args: &Args) -> i32 {
     let mut targeted_hist = new_hist();
     if args.msgs > 0 && live {
         targeted_hist = targeted::targeted(&mut ctx, &mut sum);
+    }
+    // After the WebSocket targeted phase, so the two compare.
+    if args.push_via_api.is_some() && live {
+        api::run(&mut ctx, &mut sum, &targeted_hist);
     }
     let mut bcast_last = new_hist();
     if args.broadcasts > 0 && live {

@@ -10,6 +10,7 @@ mod calibrate;
 mod client;
 mod conn;
 mod coordinator;
+mod http;
 mod ledger;
 mod payload;
 mod proc_stats;
@@ -118,6 +119,82 @@ pub struct Args {
     /// p99 latency (ms) above which a sweep step is not sustained.
     #[arg(long, default_value_t = 5.0, requires = "sweep")]
     pub sweep_p99_ms: f64,
+
+    /// Push targeted messages through the server's HTTP API at this
+    /// address (host:port) too, after the WebSocket targeted phase: single
+    /// pushes (POST /push/{uid}) then batches (POST /push), each first
+    /// paced (the targeted phase's schedule and rate: latency comparable
+    /// with it) then flat out (--api-msgs: requests and pushes per second);
+    /// API-to-client latency, the same exactly-once and order checks.
+    #[arg(long, value_name = "ADDR")]
+    pub push_via_api: Option<String>,
+
+    /// Bearer token for the HTTP API (`Authorization: Bearer T`).
+    #[arg(long, env = "COREPUSH_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Messages per batch request (POST /push).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub api_batch: u32,
+
+    /// Keep-alive HTTP connections pushing at once, one request in flight
+    /// each (schedule sender s pushes on connection s % N, so each pair
+    /// keeps its order).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub api_conns: u32,
+
+    /// Pushes per second of the paced API steps, all connections together
+    /// (default: --msg-rate; 0: no paced steps). They send --msgs messages.
+    #[arg(long)]
+    pub api_rate: Option<f64>,
+
+    /// Messages of each flat-out API step.
+    #[arg(long, default_value_t = 50_000)]
+    pub api_msgs: u32,
+
+    /// Churn soak: this many short connections (connect, then disconnect:
+    /// clean, abrupt reset, or half-open left to the server's timeouts, as
+    /// --soak-mix says), as fast as the host allows, while the --conns
+    /// steady connections carry targeted traffic (--msgs at --msg-rate,
+    /// round after round, checked as usual). Then teardown, and the
+    /// server's connection and uid counts (GET /stats on --stats-api), open
+    /// descriptors and RSS (--server-pid) must be back to their baseline.
+    /// Runs instead of the other phases.
+    #[arg(long, value_name = "N")]
+    pub soak_conns: Option<u64>,
+
+    /// Weights of the soak's kinds: clean, abrupt, unlogged (upgraded,
+    /// never logged in), silent (logged in, then silent).
+    #[arg(long, value_delimiter = ',', default_value = "1,1,1,1", num_args = 1)]
+    pub soak_mix: Vec<u32>,
+
+    /// Soak connections open at once per worker (half-open ones included).
+    #[arg(long, default_value_t = 4096)]
+    pub soak_slots: u32,
+
+    /// Seconds a half-open soak connection waits for the server to close it
+    /// before it counts as not reaped (a failure).
+    #[arg(long, default_value_t = 30.0)]
+    pub soak_reap_secs: f64,
+
+    /// Milliseconds a silent soak connection keeps its socket after the
+    /// server closed it (the server must then drop it on its own, after
+    /// its --close-timeout-ms).
+    #[arg(long, default_value_t = 2500.0)]
+    pub soak_linger_ms: f64,
+
+    /// Seconds the server gets after the soak to bring its counts,
+    /// descriptors and RSS back.
+    #[arg(long, default_value_t = 30.0)]
+    pub soak_settle_secs: f64,
+
+    /// How far above its baseline the server's RSS may end the soak.
+    #[arg(long, default_value_t = 0.10)]
+    pub soak_rss_tolerance: f64,
+
+    /// The server's HTTP API, for GET /stats in the soak.
+    #[arg(long, default_value = "127.0.0.1:1235", value_name = "ADDR")]
+    pub stats_api: String,
 
     /// Skip the bare-TCP calibration.
     #[arg(long)]

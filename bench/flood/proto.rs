@@ -24,6 +24,10 @@ pub enum Traffic {
     Churn,
     /// One step of the throughput sweep.
     Sweep,
+    /// The targeted schedule pushed through the server's HTTP API by the
+    /// coordinator (`--push-via-api`): workers send nothing, they only
+    /// check what their connections receive.
+    Api,
 }
 
 impl Traffic {
@@ -32,7 +36,13 @@ impl Traffic {
             Traffic::Targeted => "targeted",
             Traffic::Churn => "churn",
             Traffic::Sweep => "sweep",
+            Traffic::Api => "api",
         }
+    }
+
+    /// Whether the workers send the run's messages themselves.
+    pub fn workers_send(self) -> bool {
+        self != Traffic::Api
     }
 }
 
@@ -45,6 +55,8 @@ pub enum Phase {
     Targeted,
     Churn,
     Sweep,
+    Api,
+    Soak,
     Teardown,
 }
 
@@ -56,6 +68,8 @@ impl Phase {
             Phase::Targeted => "targeted",
             Phase::Churn => "churn",
             Phase::Sweep => "sweep",
+            Phase::Api => "api",
+            Phase::Soak => "soak",
             Phase::Teardown => "teardown",
         }
     }
@@ -67,6 +81,7 @@ impl From<Traffic> for Phase {
             Traffic::Targeted => Phase::Targeted,
             Traffic::Churn => Phase::Churn,
             Traffic::Sweep => Phase::Sweep,
+            Traffic::Api => Phase::Api,
         }
     }
 }
@@ -92,6 +107,28 @@ pub struct TrafficPlan {
     /// only: the step has failed to keep up, and waiting for it would only
     /// make the run longer); the rest count as not sent.
     pub give_up_lag_ns: Option<u64>,
+}
+
+/// A worker's share of the churn soak (`--soak-conns`): `cycles` short
+/// connections, each one connect and one disconnect of a kind drawn from
+/// `mix` (weights of clean, abrupt, unlogged, silent; see `worker/soak.rs`),
+/// at most `slots` open at once and `inflight` of them still connecting,
+/// upgrading or logging in.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct SoakPlan {
+    pub cycles: u64,
+    pub mix: [u32; 4],
+    pub slots: u32,
+    pub inflight: u32,
+    pub seed: u64,
+    /// Connect + upgrade + login must be done within this.
+    pub connect_timeout_ns: u64,
+    /// A half-open connection the server has not closed within this is
+    /// counted `not_reaped` (and closed).
+    pub reap_timeout_ns: u64,
+    /// How long a silent connection keeps its socket after the server has
+    /// closed its end (so the server must drop it on its own).
+    pub linger_ns: u64,
 }
 
 /// Coordinator to worker.
@@ -159,6 +196,10 @@ pub enum Command {
     },
     CalibReport,
     CalibClose,
+    /// Start the churn soak's connections (the steady connections go on).
+    Soak(SoakPlan),
+    /// Stop the soak now: close what is open, count the rest abandoned.
+    SoakStop,
     Exit,
 }
 
@@ -234,6 +275,95 @@ pub struct TeardownReport {
     pub hist: HistCounts,
 }
 
+/// What a worker's soak connections did. Every cycle ends in exactly one
+/// of: clean, abrupt, unlogged_reaped, silent_reaped (the expected ends),
+/// or one of the failures below it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SoakCounts {
+    pub started: u64,
+    pub done: u64,
+    /// Close frame sent after login, the server's close frame came back.
+    pub clean: u64,
+    /// Logged in, then reset (SO_LINGER 0).
+    pub abrupt: u64,
+    /// Upgraded, never logged in, closed by the server with 1008 `login
+    /// timeout`.
+    pub unlogged_reaped: u64,
+    /// Logged in, then silent (pings unanswered), closed by the server with
+    /// 1001 `idle timeout`.
+    pub silent_reaped: u64,
+    /// Silent connections the server pinged before closing them.
+    pub silent_pinged: u64,
+    /// Clean: the server closed without its close frame / not in 10 s.
+    pub clean_unclean: u64,
+    pub clean_timeout: u64,
+    /// Half-open: closed by the server, but not with the expected code and
+    /// reason (or without a close frame).
+    pub reaped_other: u64,
+    /// Half-open: not closed by the server within the reap timeout.
+    pub not_reaped: u64,
+    pub fail_connect: u64,
+    pub fail_upgrade: u64,
+    pub fail_login: u64,
+    pub fail_timeout: u64,
+    /// Data messages nobody should have sent to a soak connection.
+    pub unexpected: u64,
+    /// Not started, or still open, when the soak was stopped.
+    pub abandoned: u64,
+}
+
+impl SoakCounts {
+    pub fn add(&mut self, o: &SoakCounts) {
+        self.started += o.started;
+        self.done += o.done;
+        self.clean += o.clean;
+        self.abrupt += o.abrupt;
+        self.unlogged_reaped += o.unlogged_reaped;
+        self.silent_reaped += o.silent_reaped;
+        self.silent_pinged += o.silent_pinged;
+        self.clean_unclean += o.clean_unclean;
+        self.clean_timeout += o.clean_timeout;
+        self.reaped_other += o.reaped_other;
+        self.not_reaped += o.not_reaped;
+        self.fail_connect += o.fail_connect;
+        self.fail_upgrade += o.fail_upgrade;
+        self.fail_login += o.fail_login;
+        self.fail_timeout += o.fail_timeout;
+        self.unexpected += o.unexpected;
+        self.abandoned += o.abandoned;
+    }
+
+    /// Cycles that did not end as their kind should.
+    pub fn failures(&self) -> u64 {
+        self.clean_unclean
+            + self.clean_timeout
+            + self.reaped_other
+            + self.not_reaped
+            + self.fail_connect
+            + self.fail_upgrade
+            + self.fail_login
+            + self.fail_timeout
+            + self.unexpected
+            + self.abandoned
+    }
+}
+
+/// A worker's soak.
+#[derive(Serialize, Deserialize, Debug, Default)]
+pub struct SoakReport {
+    pub counts: SoakCounts,
+    /// Start, and the end of the last cycle (monotonic ns).
+    pub t0: u64,
+    pub last_ns: u64,
+    /// Connect + upgrade (+ login) latency.
+    pub connect_hist: HistCounts,
+    /// From going silent to the server's close: unlogged and silent ones.
+    pub reap_unlogged_hist: HistCounts,
+    pub reap_silent_hist: HistCounts,
+    /// Clean: our close frame to the server's.
+    pub close_hist: HistCounts,
+}
+
 /// Errors a worker counts across phases. The coordinator sums them and
 /// prints them as they are, as the summary's `errors` object.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -293,6 +423,8 @@ pub enum Event {
         msg: String,
     },
     ConnectDone(ConnectReport),
+    /// An API run (`Traffic::Api`) is set up: its messages may come.
+    TargetedArmed,
     /// Every message of the run was sent, every steady one expected here
     /// arrived and every churned connection is back (or failed to be).
     TargetedDone,
@@ -339,6 +471,8 @@ pub enum Event {
         hist: HistCounts,
     },
     CalibClosed,
+    /// Every soak cycle of this worker ended (or the soak was stopped).
+    SoakDone(Box<SoakReport>),
     /// Never sent by a worker: the coordinator's reader makes it up when a
     /// worker's stdout closes.
     Exited,

@@ -243,6 +243,29 @@ pub fn write(fd: i32, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Closes `fd` with a reset instead of a FIN (SO_LINGER on, 0 s): what a
+/// client that crashes or is killed leaves behind.
+pub fn close_reset(fd: i32) {
+    if fd < 0 {
+        return;
+    }
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: passes a pointer to a live linger struct and its size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    close(fd);
+}
+
 pub fn close(fd: i32) {
     if fd >= 0 {
         // SAFETY: the caller owns `fd` and never uses it again.

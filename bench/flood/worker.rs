@@ -7,11 +7,14 @@
 //! This file is the loop and the command dispatch. The connections
 //! themselves are `client::Client`; each phase keeps its state and logic
 //! in its own file under `worker/` (connect, targeted, churn, broadcast,
-//! teardown) and `Phases` routes what the client observes to them.
+//! teardown) and `Phases` routes what the client observes to them. The
+//! churn soak's short connections are not the client's: `worker/soak.rs`
+//! runs them on the same loop.
 
 mod broadcast;
 mod churn;
 mod connect;
+mod soak;
 mod targeted;
 mod teardown;
 
@@ -93,6 +96,8 @@ pub struct Worker {
     client: Client,
     phases: Phases,
     calib: Option<Clients>,
+    /// The churn soak's connections (`--soak-conns`).
+    soak: Option<soak::Soak>,
     /// Partial command line from stdin.
     cmd_buf: Vec<u8>,
     /// Last progress line sent (ns), to send at most one per second.
@@ -125,6 +130,7 @@ impl Worker {
             client: Client::new(index, ep, args.uid_prefix.clone(), args.seed),
             phases: Phases::default(),
             calib: None,
+            soak: None,
             cmd_buf: Vec::new(),
             last_progress: 0,
             last_scan: 0,
@@ -140,6 +146,10 @@ impl Worker {
                 let (token, events) = w.client.ep().event(i);
                 if token == TOKEN_STDIN {
                     w.on_stdin();
+                } else if token >= soak::SOAK_BASE {
+                    if let Some(s) = w.soak.as_mut() {
+                        s.on_event((token - soak::SOAK_BASE) as usize, events);
+                    }
                 } else if token >= CALIB_BASE {
                     if let Some(c) = w.calib.as_mut() {
                         c.on_event(w.client.ep(), (token - CALIB_BASE) as usize, events);
@@ -159,8 +169,13 @@ impl Worker {
         let now = sys::now_ns();
         let mut due = now + 100_000_000;
         let p = &self.phases;
-        if p.connect.as_ref().is_some_and(|c| c.active()) || p.teardown.is_some() {
+        let soak = self.soak.as_ref().filter(|s| s.active());
+        if p.connect.as_ref().is_some_and(|c| c.active()) || p.teardown.is_some() || soak.is_some()
+        {
             due = now + 10_000_000;
+        }
+        if let Some(at) = soak.and_then(|s| s.next_due()) {
+            due = due.min(at);
         }
         if let Some(at) = p.targeted.as_ref().and_then(|t| t.next_due()) {
             due = due.min(at);
@@ -270,6 +285,8 @@ impl Worker {
                 }
                 emit(Event::CalibClosed);
             }
+            Command::Soak(plan) => self.start_soak(plan),
+            Command::SoakStop => self.stop_soak(),
             Command::Exit => self.exit = true,
         }
     }
@@ -280,6 +297,7 @@ impl Worker {
         self.tick_connect(now);
         self.tick_targeted(now);
         self.tick_teardown(now);
+        self.tick_soak(now);
         if let Some(c) = self.calib.as_mut() {
             c.tick(self.client.ep(), now);
         }
@@ -301,7 +319,9 @@ impl Worker {
     /// At most one progress event a second, for the phase that is running.
     fn progress(&self) {
         let p = &self.phases;
-        let (phase, done, failed) = if let Some(c) = p.connect.as_ref().filter(|c| c.active()) {
+        let (phase, done, failed) = if let Some(s) = self.soak.as_ref().filter(|s| s.active()) {
+            s.progress()
+        } else if let Some(c) = p.connect.as_ref().filter(|c| c.active()) {
             (Phase::Connect, c.established(), c.failed())
         } else if let Some(t) = p.targeted.as_ref().filter(|t| t.active()) {
             t.progress()

@@ -35,6 +35,19 @@ pub fn start(args: &Args) -> Result<Ctx<'_>, i32> {
         );
         return Err(2);
     }
+    if args.soak_conns.is_some()
+        && (args.soak_mix.len() != 4
+            || args.soak_mix.iter().all(|&w| w == 0)
+            || args.soak_slots == 0
+            || args.soak_reap_secs.is_nan()
+            || args.soak_reap_secs <= 0.0)
+    {
+        eprintln!(
+            "corepush-flood: --soak-mix takes four weights (clean,abrupt,unlogged,silent), not all 0; \
+             --soak-slots and --soak-reap-secs must be above 0"
+        );
+        return Err(2);
+    }
     let mut targets = Vec::new();
     for t in &args.targets {
         match resolve(t) {
@@ -57,6 +70,20 @@ pub fn start(args: &Args) -> Result<Ctx<'_>, i32> {
              but one process may open {soft} (hard limit {hard}); use --procs {} or raise `ulimit -n`",
             conns.div_ceil(procs as u64) + FD_RESERVE,
             conns.div_ceil(per_proc)
+        );
+        return Err(2);
+    }
+    // A soak worker also holds up to --soak-slots short connections.
+    let slots = if args.soak_conns.is_some() {
+        u64::from(args.soak_slots)
+    } else {
+        0
+    };
+    if slots > 0 && conns.div_ceil(procs as u64) + slots > per_proc {
+        eprintln!(
+            "corepush-flood: {} steady connections and --soak-slots {slots} per worker need more than the \
+             {per_proc} fds one process may use; lower --soak-slots or add --procs",
+            conns.div_ceil(procs as u64)
         );
         return Err(2);
     }

@@ -139,14 +139,18 @@ impl Workers {
         if elapsed < Duration::from_millis(950) {
             return;
         }
+        // Summed over the workers in worker 0's phase (another may be in
+        // another phase, such as soak and traffic at once).
         let phase = self.progress[0].0;
-        let done: u64 = self.progress.iter().map(|p| p.1).sum();
-        let failed: u64 = self.progress.iter().map(|p| p.2).sum();
+        let same = self.progress.iter().filter(|p| p.0 == phase);
+        let (done, failed) = same.fold((0, 0), |(d, f), p| (d + p.1, f + p.2));
         let rate = done.saturating_sub(self.last_done) as f64 / elapsed.as_secs_f64();
         let (done_what, other_what) = match phase {
             Some(Phase::Connect) => ("established", "failed"),
             Some(Phase::Targeted | Phase::Churn | Phase::Sweep) => ("sent", "delivered"),
+            Some(Phase::Api) => ("delivered", "misrouted"),
             Some(Phase::Teardown) => ("closed", "unclean"),
+            Some(Phase::Soak) => ("cycles done", "failed"),
             Some(Phase::CalibrateConnect) | None => ("connected", "failed"),
         };
         let phase = phase.map_or("", Phase::name);
@@ -171,6 +175,31 @@ impl Workers {
                 self.backlog.push_back(ev);
             }
         }
+    }
+
+    /// Takes the events `pick` wants that have arrived, without waiting.
+    pub fn take_ready<T>(&mut self, pick: impl Fn(Event) -> Result<T, Event>) -> Vec<T> {
+        self.drain_progress();
+        let mut got = Vec::new();
+        let mut keep = VecDeque::new();
+        while let Some(ev) = self.backlog.pop_front() {
+            match pick(ev) {
+                Ok(t) => got.push(t),
+                Err(ev) => keep.push_back(ev),
+            }
+        }
+        self.backlog = keep;
+        got
+    }
+
+    /// The `done` figures of the workers' latest progress in `phase`,
+    /// summed.
+    pub fn progress_done(&self, phase: Phase) -> u64 {
+        self.progress
+            .iter()
+            .filter(|p| p.0 == Some(phase))
+            .map(|p| p.1)
+            .sum()
     }
 
     /// Waits until `pick` took `n` events or `timeout` passed, and returns

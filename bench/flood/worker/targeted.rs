@@ -60,8 +60,9 @@ impl TargetedPhase {
     fn new(plan: &TrafficPlan, base: u32, count: u32, total: u32) -> TargetedPhase {
         let sched = Schedule::new(plan.seed, total, plan.msgs, plan.rate, plan.churn);
         let mine = |g: u32| g >= base && g - base < count;
+        // An API run's messages are pushed by the coordinator.
         let my_sends = (0..sched.len() as u32)
-            .filter(|&j| mine(sched.sender[j as usize]))
+            .filter(|&j| plan.kind.workers_send() && mine(sched.sender[j as usize]))
             .collect();
         let ledger = Ledger::new(&sched, mine);
         let churn = Churn::new(&sched, base, count, plan.start_ns);
@@ -93,7 +94,12 @@ impl TargetedPhase {
     }
 
     /// (phase, sent, delivered) for a progress event.
+    /// (An API run: delivered and misrouted, nothing being sent here.)
     pub fn progress(&self) -> (Phase, u64, u64) {
+        if !self.kind.workers_send() {
+            let c = self.ledger.counts();
+            return (Phase::Api, c.delivered(), c.misrouted);
+        }
         (
             self.kind.into(),
             self.sent,
@@ -206,6 +212,9 @@ impl Worker {
     pub(super) fn start_targeted(&mut self, plan: &TrafficPlan) {
         let (base, count) = (self.client.base(), self.client.len() as u32);
         self.phases.targeted = Some(TargetedPhase::new(plan, base, count, self.total));
+        if !plan.kind.workers_send() {
+            emit(Event::TargetedArmed);
+        }
     }
 
     pub(super) fn tick_targeted(&mut self, now: u64) {
