@@ -230,6 +230,7 @@ impl Cli {
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,
             max_pending_bytes: self.max_pending_bytes,
+            release_memory: None, // set by main, which knows the allocator
             inbox_capacity: self.inbox_capacity,
             login_secret: self.login_secret,
             client_sends: match self.client_sends {

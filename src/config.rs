@@ -48,6 +48,10 @@ pub struct Config {
     /// shard holds for all its connections; past it the connections holding
     /// the most close with 1013.
     pub max_pending_bytes: usize,
+    /// Called on a shard's thread after a mass disconnect made its tables
+    /// give memory back, so the global allocator can return its free pages
+    /// to the OS as well (the `corepush` binary sets mimalloc's collect).
+    pub release_memory: Option<fn()>,
     /// Messages that may wait in a shard's inbox; a shard whose messages do
     /// not fit holds them and stops reading the connections that send them
     /// until there is room (backpressure, never a drop).
@@ -107,6 +111,7 @@ impl Default for Config {
             max_connections: 0,
             max_connections_per_ip: 0,
             max_pending_bytes: 64 * 1024 * 1024,
+            release_memory: None,
             inbox_capacity: 16 * 1024,
             login_secret: None,
             client_sends: ClientSends::Any,

@@ -86,6 +86,7 @@ fn start_shards(config: Config) -> io::Result<ServerHandle> {
         )),
         max_outbound_bytes: config.max_outbound_bytes,
         max_pending_bytes: config.max_pending_bytes,
+        release_memory: config.release_memory,
     };
     let cpus = allowed_cpus();
     let mut stats = Vec::with_capacity(shards);

@@ -462,6 +462,7 @@ fn child_full(n: usize) -> String {
         admission: Arc::new(Admission::new(0, 0)),
         max_outbound_bytes: config.max_outbound_bytes,
         max_pending_bytes: config.max_pending_bytes,
+        release_memory: None,
     };
     let mut shard = Shard::new(inbox, router, settings, stats.clone());
     let after_shard = mark();

@@ -143,6 +143,9 @@ pub struct ShardSettings {
     pub max_outbound_bytes: usize,
     /// Bytes of incomplete input this shard may hold for all its sessions.
     pub max_pending_bytes: usize,
+    /// Called on the shard's thread after its tables gave memory back (a
+    /// mass disconnect), so the allocator can return its free pages too.
+    pub release_memory: Option<fn()>,
 }
 
 /// One core's connections, uid table and routing (see the module doc).
@@ -161,6 +164,7 @@ pub struct Shard {
     /// they hold now.
     max_pending_bytes: usize,
     pending_bytes: usize,
+    release_memory: Option<fn()>,
     /// The peer address of each connection, kept only while the
     /// per-address cap is on (to release its count when it closes).
     addresses: HashMap<Key, IpAddr>,
@@ -218,6 +222,7 @@ impl Shard {
             max_outbound_bytes: settings.max_outbound_bytes,
             max_pending_bytes: settings.max_pending_bytes,
             pending_bytes: 0,
+            release_memory: settings.release_memory,
             addresses: HashMap::new(),
             router,
             inbox,
@@ -485,8 +490,10 @@ impl Shard {
     /// Enforces every deadline that has passed and pings silent
     /// connections; gives table memory back after mass disconnects.
     pub fn sweep(&mut self, now: u64) {
-        self.conns.shrink_if_sparse();
-        self.uids.shrink_if_sparse();
+        let shrank = self.conns.shrink_if_sparse() | self.uids.shrink_if_sparse();
+        if let (true, Some(release)) = (shrank, self.release_memory) {
+            release();
+        }
         let rules = self.rules.clone();
         let mut due = std::mem::take(&mut self.due);
         due.extend(

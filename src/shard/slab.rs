@@ -129,10 +129,11 @@ impl<T> Slab<T> {
 
     /// Gives memory back after many values left: drops the empty slots at
     /// the end of the table and releases spare capacity, once at most a
-    /// quarter of the table is in use. Live keys stay valid.
-    pub fn shrink_if_sparse(&mut self) {
+    /// quarter of the table is in use. Live keys stay valid. Returns
+    /// whether it shrank.
+    pub fn shrink_if_sparse(&mut self) -> bool {
         if self.slots.len() < 1024 || self.len * 4 > self.slots.len() {
-            return;
+            return false;
         }
         while self.slots.last().is_some_and(|slot| slot.value.is_none()) {
             self.slots.pop();
@@ -141,6 +142,7 @@ impl<T> Slab<T> {
         self.free.retain(|&index| index < end);
         self.slots.shrink_to_fit();
         self.free.shrink_to_fit();
+        true
     }
 
     /// Every live key.

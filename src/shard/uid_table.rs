@@ -62,11 +62,14 @@ impl UidTable {
         self.local.values().flatten().copied()
     }
 
-    /// Gives memory back once at most a quarter of the table is in use.
-    pub fn shrink_if_sparse(&mut self) {
-        if self.local.capacity() >= 1024 && self.local.len() * 4 <= self.local.capacity() {
+    /// Gives memory back once at most a quarter of the table is in use;
+    /// returns whether it did.
+    pub fn shrink_if_sparse(&mut self) -> bool {
+        let sparse = self.local.capacity() >= 1024 && self.local.len() * 4 <= self.local.capacity();
+        if sparse {
             self.local.shrink_to(self.local.len() * 2);
         }
+        sparse
     }
 
     /// Distinct uids.
