@@ -12,6 +12,12 @@
 #
 # Nodes run with --no-pin: with one shard each, every node would pin its
 # shard to the same first core. CLUSTER_PIN=1 keeps pinning.
+#
+# With CLUSTER_FLOOD set (to corepush-flood flags, e.g. "--conns 102000
+# --msgs 25000 --broadcasts 5"), it runs that flood over every node instead
+# of waiting, prints the Redis server's CPU over the run, stops everything
+# and exits with the flood's status: the 100,000-connection benchmark in
+# docs/benchmarks.md is `CLUSTER_FLOOD="..." scripts/cluster.sh 6 ...`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -122,6 +128,24 @@ done
 for pid in "${pids[@]}"; do
     flood+=" --server-pid $pid"
 done
+if [ -n "${CLUSTER_FLOOD:-}" ]; then
+    ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+    hz=$(getconf CLK_TCK)
+    before=$(ticks "$redis_pid")
+    start=$(date +%s.%N)
+    echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(nproc) cores, $(uname -r)" >&2
+    set +e
+    # shellcheck disable=SC2086 # both are lists of flags
+    $flood $CLUSTER_FLOOD
+    rc=$?
+    set -e
+    after=$(ticks "$redis_pid")
+    end=$(date +%s.%N)
+    awk -v t=$((after - before)) -v hz="$hz" -v s="$start" -v e="$end" \
+        'BEGIN { printf "redis-server CPU over the flood: %.2f s in %.1f s (%.2f cores)\n", t / hz, e - s, t / hz / (e - s) }'
+    exit $rc
+fi
+
 cat <<EOF
 
 Logs: $logs
