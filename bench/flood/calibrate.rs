@@ -9,12 +9,20 @@
 //!   from a client through a bare relay (which forwards each record to a
 //!   random other socket) to a client: the same two hops a pushed message
 //!   takes, minus the server's work.
+//! * oneway2_latency_us: the same records, same clients, same rate and
+//!   count, through a two-thread bare relay (`calibrate/relay2.rs`): each
+//!   thread owns half the sockets and hands a record whose recipient is the
+//!   other's over a lock-free queue, ringing the other only when it sleeps.
+//!   The floor of a two-shard server, which pays that hand-off and wake-up
+//!   for every message that crosses shards (`--calib-no-relay2` skips it).
 //!
 //! The sink (listener, echo, relay, fanout sender; `calibrate/sink.rs`)
-//! runs in the coordinator process; the clients (`calibrate/clients.rs`)
-//! run in the workers; `run` here drives the three measurements.
+//! and the two-thread relay run in the coordinator process; the clients
+//! (`calibrate/clients.rs`) run in the workers; `run` here drives the
+//! measurements.
 
 mod clients;
+mod relay2;
 mod sink;
 
 pub use clients::Clients;
@@ -46,6 +54,8 @@ pub struct CalibPlan {
     pub rate: f64,
     pub count: u64,
     pub inflight: usize,
+    /// Whether to measure the two-thread relay too.
+    pub relay2: bool,
 }
 
 /// The floor, as the ratios use it and as the summary prints it.
@@ -58,6 +68,84 @@ pub struct Floor {
     pub fanout_us: f64,
     /// One-way latency through the bare relay (ns).
     pub oneway: Histogram<u64>,
+    /// One-way latency through the two-thread bare relay (ns); empty when
+    /// it was skipped.
+    pub oneway2: Histogram<u64>,
+}
+
+/// What one one-way round measured.
+struct Oneway {
+    sent: u64,
+    received: u64,
+    hist: Histogram<u64>,
+}
+
+/// Runs one one-way round: the workers send `plan.count` records tagged
+/// `round` at `plan.rate` while `pump` keeps the relay going (it waits
+/// about 5 ms and returns the records relayed so far); then collects what
+/// the workers measured.
+fn oneway_round(
+    workers: &mut Workers,
+    plan: &CalibPlan,
+    round: u32,
+    mut pump: impl FnMut() -> u64,
+) -> Oneway {
+    let k = workers.len();
+    let start = sys::now_ns() + 50_000_000;
+    for w in 0..k {
+        let (lo, hi) = split(plan.count as usize, k, w);
+        workers.send(
+            w,
+            &Command::CalibOneway {
+                start_ns: start,
+                rate: plan.rate / k as f64,
+                count: (hi - lo) as u64,
+                round,
+            },
+        );
+    }
+    let duration = Duration::from_secs_f64(plan.count as f64 / plan.rate + 3.0);
+    let deadline = std::time::Instant::now() + duration;
+    while pump() < plan.count && std::time::Instant::now() < deadline {
+        workers.drain_progress();
+    }
+    // Let the last relayed records arrive.
+    for _ in 0..20 {
+        pump();
+    }
+    workers.send_all(&Command::CalibReport);
+    let mut out = Oneway {
+        sent: 0,
+        received: 0,
+        hist: new_hist(),
+    };
+    for (s, r, h) in workers.wait_for(
+        k,
+        Duration::from_secs(10),
+        None,
+        pick!(Event::CalibReport { sent, received, hist } => (sent, received, hist)),
+    ) {
+        merge_counts(&mut out.hist, &h);
+        out.sent += s;
+        out.received += r;
+    }
+    out
+}
+
+/// `part / whole` to 0.001, or null.
+fn fraction(part: u64, whole: u64) -> Value {
+    if whole == 0 {
+        return Value::Null;
+    }
+    json!((part as f64 / whole as f64 * 1000.0).round() / 1000.0)
+}
+
+/// µs of relay CPU per record relayed (to 0.1 µs), or null.
+fn cpu_per_msg(cpu_ns: u64, relayed: u64) -> Value {
+    if relayed == 0 {
+        return Value::Null;
+    }
+    json!((cpu_ns as f64 / relayed as f64 / 100.0).round() / 10.0)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -140,43 +228,46 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<Floor> {
         sink.accepted()
     );
 
-    // (c) one-way latency through a bare relay.
-    let mut hist = new_hist();
-    let mut sent = 0;
-    let mut received = 0;
+    // (c) one-way latency through a bare relay (this thread).
+    let mut one = Oneway {
+        sent: 0,
+        received: 0,
+        hist: new_hist(),
+    };
+    let mut one_cpu = Value::Null;
     if plan.count > 0 {
-        let start = sys::now_ns() + 50_000_000;
-        for w in 0..k {
-            let (lo, hi) = split(plan.count as usize, k, w);
-            workers.send(
-                w,
-                &Command::CalibOneway {
-                    start_ns: start,
-                    rate: plan.rate / k as f64,
-                    count: (hi - lo) as u64,
-                },
-            );
-        }
-        let duration = Duration::from_secs_f64(plan.count as f64 / plan.rate + 3.0);
-        let deadline = std::time::Instant::now() + duration;
-        while sink.relayed < plan.count && std::time::Instant::now() < deadline {
+        let cpu0 = sys::thread_cpu_ns();
+        let relayed0 = sink.relayed;
+        one = oneway_round(workers, plan, 0, || {
             sink.poll(5);
-            workers.drain_progress();
-        }
-        // Let the last relayed records arrive.
-        for _ in 0..20 {
-            sink.poll(5);
-        }
-        workers.send_all(&Command::CalibReport);
-        for (s, r, h) in workers.wait_for(
-            k,
-            Duration::from_secs(10),
-            None,
-            pick!(Event::CalibReport { sent, received, hist } => (sent, received, hist)),
-        ) {
-            merge_counts(&mut hist, &h);
-            sent += s;
-            received += r;
+            sink.relayed - relayed0
+        });
+        one_cpu = cpu_per_msg(
+            sys::thread_cpu_ns().saturating_sub(cpu0),
+            sink.relayed - relayed0,
+        );
+    }
+
+    // (c2) the same through the two-thread relay; this thread only waits.
+    let mut two = Oneway {
+        sent: 0,
+        received: 0,
+        hist: new_hist(),
+    };
+    let mut two_stats = None;
+    if plan.count > 0 && plan.relay2 {
+        match relay2::Relay2::start(sink.relay_socks()) {
+            Ok(relay) => {
+                two = oneway_round(workers, plan, 1, || {
+                    std::thread::sleep(Duration::from_millis(5));
+                    relay.relayed()
+                });
+                match relay.stop() {
+                    Ok(s) => two_stats = Some(s),
+                    Err(e) => eprintln!("calibrate: two-thread relay: {e}"),
+                }
+            }
+            Err(e) => eprintln!("calibrate: two-thread relay did not start: {e}"),
         }
     }
     workers.send_all(&Command::CalibClose);
@@ -189,8 +280,11 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<Floor> {
     let short_writes = sink.short_writes;
     let accepted = sink.accepted();
     drop(sink);
-    Ok(Floor {
-        json: json!({
+    let measured2 = two_stats.is_some();
+    let s2 = two_stats.unwrap_or_default();
+    let if2 = |v: Value| if measured2 { v } else { Value::Null };
+    let crossed_fraction = fraction(s2.crossed, s2.relayed);
+    let mut json = json!({
             "conns": accepted,
             "requested": plan.n,
             "capped": plan.capped,
@@ -200,14 +294,35 @@ pub fn run(workers: &mut Workers, plan: &CalibPlan) -> io::Result<Floor> {
             "fanout_us": fanout_us.round(),
             "fanout_rounds_us": fanout_rounds.iter().map(|x| x.round()).collect::<Vec<_>>(),
             "fanout_send_loop_us": send_loop_us.round(),
-            "oneway_sent": sent,
-            "oneway_received": received,
+            "oneway_sent": one.sent,
+            "oneway_received": one.received,
             "oneway_rate": plan.rate,
-            "oneway_latency_us": summary_json(&hist),
+            "oneway_latency_us": summary_json(&one.hist),
             "short_writes": short_writes,
-        }),
+    });
+    let extra = json!({
+            "oneway_relay_cpu_us_per_msg": one_cpu,
+            "oneway2_threads": if2(json!(relay2::THREADS)),
+            "oneway2_sent": if2(json!(two.sent)),
+            "oneway2_received": if2(json!(two.received)),
+            "oneway2_relayed": if2(json!(s2.relayed)),
+            "oneway2_crossed": if2(json!(s2.crossed)),
+            "oneway2_crossed_fraction": if2(crossed_fraction),
+            "oneway2_wakeups": if2(json!(s2.wakeups)),
+            "oneway2_short_writes": if2(json!(s2.short_writes)),
+            "oneway2_relay_cpu_us_per_msg": if2(cpu_per_msg(s2.cpu_ns, s2.relayed)),
+            "oneway2_latency_us": if2(summary_json(&two.hist)),
+            "oneway2_hop_us": if2(summary_json(&s2.hop)),
+            "oneway2_hop_same_cpu_fraction": if2(fraction(s2.hop_same_cpu, s2.crossed)),
+    });
+    if let (Value::Object(j), Value::Object(e)) = (&mut json, extra) {
+        j.extend(e);
+    }
+    Ok(Floor {
+        json,
         connect_per_sec: connect_per_sec.round(),
         fanout_us: fanout_us.round(),
-        oneway: hist,
+        oneway: one.hist,
+        oneway2: two.hist,
     })
 }

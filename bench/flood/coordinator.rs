@@ -66,6 +66,26 @@ impl Ctx<'_> {
         }
         println!();
     }
+
+    /// Prints several latency rows in one table, then (unless disabled)
+    /// each one's .hgrm distribution; empty histograms are left out.
+    pub fn print_latencies(&self, rows: &[(&str, &Histogram<u64>)]) {
+        let rows: Vec<_> = rows.iter().filter(|(_, h)| !h.is_empty()).collect();
+        if rows.is_empty() {
+            return;
+        }
+        print!("{}", table_header());
+        for (label, h) in &rows {
+            print!("{}", table_row(label, h));
+        }
+        if !self.args.no_hgrm {
+            for (label, h) in &rows {
+                println!("\n  {label} percentile distribution (microseconds):");
+                print!("{}", hgrm(h, 1000.0));
+            }
+        }
+        println!();
+    }
 }
 
 /// The JSON summary as the phases fill it in, and what failed.
@@ -241,6 +261,18 @@ fn ratios(
                 ratio(
                     targeted.value_at_quantile(q) as f64,
                     floor.oneway.value_at_quantile(q) as f64,
+                ),
+            );
+        }
+    }
+    // The floor of a two-shard server (p99.9 is VM noise there).
+    if !targeted.is_empty() && !floor.oneway2.is_empty() {
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            ratios.insert(
+                format!("targeted_{name}_vs_oneway2"),
+                ratio(
+                    targeted.value_at_quantile(q) as f64,
+                    floor.oneway2.value_at_quantile(q) as f64,
                 ),
             );
         }

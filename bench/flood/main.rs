@@ -208,6 +208,11 @@ pub struct Args {
     #[arg(long, default_value_t = 5)]
     pub calib_rounds: u32,
 
+    /// Skip the calibration's two-thread bare relay (the one-way floor of
+    /// a two-shard server; it takes as long as the one-thread one).
+    #[arg(long)]
+    pub calib_no_relay2: bool,
+
     /// Seed of the message schedule (same seed, same schedule).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,

@@ -188,12 +188,17 @@ pub enum Command {
     CalibFanout {
         round: u32,
     },
-    /// Calibration: send `count` timestamped records at `rate` from `start_ns`.
+    /// Calibration: send `count` timestamped records at `rate` from
+    /// `start_ns`, tagged `round` (a record of another round that arrives
+    /// late is not counted).
     CalibOneway {
         start_ns: u64,
         rate: f64,
         count: u64,
+        round: u32,
     },
+    /// Report the one-way round's counts and histogram, and start the next
+    /// one from zero.
     CalibReport,
     CalibClose,
     /// Start the churn soak's connections (the steady connections go on).

@@ -280,6 +280,44 @@ pub fn set_nonblocking(fd: i32) -> io::Result<()> {
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(|_| ())
 }
 
+/// A non-blocking eventfd (a doorbell one thread rings for another).
+pub fn eventfd() -> io::Result<i32> {
+    // SAFETY: plain eventfd(2) call.
+    cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })
+}
+
+/// Adds 1 to an eventfd's counter. A failure (EAGAIN: the counter is
+/// saturated) means a wake-up is pending anyway.
+pub fn eventfd_ring(fd: i32) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a valid u64.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+/// Empties an eventfd's counter (EAGAIN when it already was).
+pub fn eventfd_clear(fd: i32) {
+    let mut count: u64 = 0;
+    // SAFETY: reads 8 bytes into a valid u64.
+    unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) };
+}
+
+/// CPU time of the calling thread (CLOCK_THREAD_CPUTIME_ID), ns.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The CPU the calling thread runs on (sched_getcpu), -1 if unknown.
+pub fn cpu() -> i32 {
+    // SAFETY: plain sched_getcpu(3) call.
+    unsafe { libc::sched_getcpu() }
+}
+
 /// An epoll instance with its event array.
 pub struct Epoll {
     /// The epoll fd.
@@ -308,6 +346,13 @@ impl Epoll {
         let mut ev = libc::epoll_event { events, u64: token };
         // SAFETY: `ev` is a valid epoll_event.
         cvt(unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(|_| ())
+    }
+
+    /// Stops watching `fd`.
+    pub fn del(&self, fd: i32) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: `ev` is a valid epoll_event (ignored by EPOLL_CTL_DEL).
+        cvt(unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_DEL, fd, &mut ev) }).map(|_| ())
     }
 
     /// Waits up to `timeout_ms`; returns how many events are ready.

@@ -266,12 +266,13 @@ impl Worker {
                 start_ns,
                 rate,
                 count,
+                round,
             } => {
                 if let Some(c) = self.calib.as_mut() {
-                    c.start_oneway(start_ns, rate, count);
+                    c.start_oneway(start_ns, rate, count, round);
                 }
             }
-            Command::CalibReport => match self.calib.as_ref() {
+            Command::CalibReport => match self.calib.as_mut() {
                 Some(c) => emit(c.report()),
                 None => emit(Event::CalibReport {
                     sent: 0,

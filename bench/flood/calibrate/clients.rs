@@ -62,7 +62,11 @@ pub struct Clients {
     ow_count: u64,
     ow_sent: u64,
     ow_next_sock: usize,
-    /// Records that arrived through the relay, and their latency.
+    /// The round (one-thread relay, two-thread relay) records are tagged
+    /// with; records of an earlier round are not counted.
+    ow_round: u32,
+    /// Records of this round that arrived through the relay, and their
+    /// latency.
     ow_received: u64,
     ow_hist: Histogram<u64>,
 }
@@ -104,6 +108,7 @@ impl Clients {
             ow_count: 0,
             ow_sent: 0,
             ow_next_sock: 0,
+            ow_round: 0,
             ow_received: 0,
             ow_hist: new_hist(),
         }
@@ -210,6 +215,7 @@ impl Clients {
             if self.socks[i].state == CState::Ready {
                 let mut rec = [0u8; RECORD];
                 rec[0] = b'O';
+                rec[4..8].copy_from_slice(&self.ow_round.to_le_bytes());
                 rec[8..16].copy_from_slice(&sys::now_ns().to_le_bytes());
                 let _ = sys::write(self.socks[i].fd, &rec);
                 return;
@@ -299,7 +305,7 @@ impl Clients {
                     });
                 }
             }
-            b'O' => {
+            b'O' if word == self.ow_round => {
                 self.ow_received += 1;
                 record(&mut self.ow_hist, now.saturating_sub(ts));
             }
@@ -314,19 +320,24 @@ impl Clients {
         self.fanout_reported = false;
     }
 
-    pub fn start_oneway(&mut self, start_ns: u64, rate: f64, count: u64) {
+    pub fn start_oneway(&mut self, start_ns: u64, rate: f64, count: u64, round: u32) {
+        self.ow_round = round;
         self.ow_start = start_ns;
         self.ow_interval = 1e9 / rate.max(1e-3);
         self.ow_count = count;
         self.ow_sent = 0;
     }
 
-    pub fn report(&self) -> Event {
-        Event::CalibReport {
+    /// The one-way round's counts; the next round starts from zero.
+    pub fn report(&mut self) -> Event {
+        let ev = Event::CalibReport {
             sent: self.ow_sent,
             received: self.ow_received,
             hist: hist_counts(&self.ow_hist),
-        }
+        };
+        self.ow_received = 0;
+        self.ow_hist.reset();
+        ev
     }
 
     pub fn close_all(&mut self) {

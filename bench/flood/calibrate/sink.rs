@@ -1,7 +1,9 @@
 //! Calibration, coordinator side: the bare listener that accepts the
 //! workers' sockets, echoes their hello, relays their records to a random
-//! socket and writes the fanout records in a plain loop.
+//! socket and writes the fanout records in a plain loop. The two-thread
+//! relay (`relay2.rs`) borrows its sockets.
 
+use super::relay2::RSock;
 use super::{HELLO, RECORD};
 use crate::schedule::Rng;
 use crate::sys::{self, Epoll, EV_IN};
@@ -123,6 +125,20 @@ impl Sink {
             }
         }
         (t0, sys::now_ns())
+    }
+
+    /// The accepted sockets, in accept order, with any partial record,
+    /// for the two-thread relay (which borrows the descriptors: they stay
+    /// the sink's). The sink must not be polled while that relay runs.
+    pub fn relay_socks(&self) -> Vec<RSock> {
+        self.socks
+            .iter()
+            .map(|s| RSock {
+                fd: s.fd,
+                have: s.have,
+                buf: s.buf,
+            })
+            .collect()
     }
 
     pub fn accepted(&self) -> usize {

@@ -20,6 +20,7 @@ pub fn run(ctx: &mut Ctx) -> Option<Floor> {
         rate: args.msg_rate,
         count: u64::from(args.msgs).min((args.msg_rate * 5.0) as u64),
         inflight: args.inflight,
+        relay2: !args.calib_no_relay2,
     };
     println!(
         "\n== calibrate: bare TCP floor on this host ({n} sockets{})",
@@ -38,10 +39,31 @@ pub fn run(ctx: &mut Ctx) -> Option<Floor> {
                 c["connect_per_sec"], c["fanout_us"], c["fanout_send_loop_us"], c["fanout_rounds_us"]
             );
             println!(
-                "  one-way via bare relay at {} msg/s: {} sent, {} received",
-                args.msg_rate, c["oneway_sent"], c["oneway_received"]
+                "  one-way via bare relay at {} msg/s: {} sent, {} received; relay CPU {} us/msg",
+                args.msg_rate,
+                c["oneway_sent"],
+                c["oneway_received"],
+                c["oneway_relay_cpu_us_per_msg"]
             );
-            ctx.print_latency("bare one-way", &floor.oneway);
+            if !c["oneway2_latency_us"].is_null() {
+                println!(
+                    "  one-way via bare relay, {} threads (epoll, hand-off queue, eventfd ring to a sleeper): {} sent, {} received, {} crossed threads ({}, hand-off p50 {} / p99 {} us, on the reader's CPU {}), {} wake-ups; relay CPU {} us/msg",
+                    c["oneway2_threads"],
+                    c["oneway2_sent"],
+                    c["oneway2_received"],
+                    c["oneway2_crossed"],
+                    c["oneway2_crossed_fraction"],
+                    c["oneway2_hop_us"]["p50"],
+                    c["oneway2_hop_us"]["p99"],
+                    c["oneway2_hop_same_cpu_fraction"],
+                    c["oneway2_wakeups"],
+                    c["oneway2_relay_cpu_us_per_msg"]
+                );
+            }
+            ctx.print_latencies(&[
+                ("bare one-way", &floor.oneway),
+                ("bare one-way, 2 threads", &floor.oneway2),
+            ]);
             Some(floor)
         }
         Err(e) => {
