@@ -134,11 +134,38 @@ if [ -n "${CLUSTER_FLOOD:-}" ]; then
     before=$(ticks "$redis_pid")
     start=$(date +%s.%N)
     echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(nproc) cores, $(uname -r)" >&2
+    # Each node's memory per connection: its RSS before the flood, then
+    # (sampled twice a second) its RSS and connection count from /stats.
+    rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+    samples="$logs/node-samples"
+    for i in "${!pids[@]}"; do
+        echo "base $i $(rss_kb "${pids[$i]}")"
+    done >"$samples"
+    (
+        while sleep 0.5; do
+            for i in "${!pids[@]}"; do
+                conns=$(curl -s --max-time 1 "http://${apis[$i]}/stats" |
+                    python3 -c 'import json,sys; print(json.load(sys.stdin)["total"]["connections"])' 2>/dev/null) || continue
+                echo "at $i $conns $(rss_kb "${pids[$i]}")"
+            done
+        done >>"$samples"
+    ) &
+    sampler=$!
     set +e
     # shellcheck disable=SC2086 # both are lists of flags
     $flood $CLUSTER_FLOOD
     rc=$?
     set -e
+    kill "$sampler" 2>/dev/null || true
+    wait "$sampler" 2>/dev/null || true
+    # The sample with the most connections per node (the hold phase).
+    awk '$1 == "base" { base[$2] = $3 }
+        $1 == "at" && $3 >= conns[$2] { conns[$2] = $3; rss[$2] = $4 }
+        END {
+            print "per node at its most connections: connections, RSS before -> then, user-space bytes per connection"
+            for (i = 0; i in base; i++) if (conns[i] > 0)
+                printf "  node %s  %6d conns  %7.1f -> %7.1f MiB  %5.0f B/conn\n", i, conns[i], base[i] / 1024, rss[i] / 1024, (rss[i] - base[i]) * 1024 / conns[i]
+        }' "$samples"
     after=$(ticks "$redis_pid")
     end=$(date +%s.%N)
     awk -v t=$((after - before)) -v hz="$hz" -v s="$start" -v e="$end" \

@@ -8,7 +8,9 @@
 # broadcasts, and a throughput sweep) against corepush and the other server,
 # alternating which goes first, ROUNDS times (default 3) at N connections
 # (default 19000), and prints the medians side by side with the shard-loop
-# targets. Each run's JSON goes to $COMPARE_OUT (default
+# targets, and the bare relays the flood calibrates in the same minutes (one
+# thread, and two threads handing records across: the floor of a server
+# whose connections live on two shards). Each run's JSON goes to $COMPARE_OUT (default
 # target/compare/<time>/), so the table can be rebuilt or checked later.
 #
 # Environment:
@@ -108,6 +110,11 @@ def figures(run):
         "targeted p50 (us)": get(run, "targeted", "latency_us", "p50"),
         "targeted p99 (us)": get(run, "targeted", "latency_us", "p99"),
         "targeted p99.9 (us)": get(run, "targeted", "latency_us", "p999"),
+        "bare 1-thread relay p50 (us)": get(run, "calibration", "oneway_latency_us", "p50"),
+        "bare 1-thread relay p99 (us)": get(run, "calibration", "oneway_latency_us", "p99"),
+        "bare 2-thread relay p50 (us)": get(run, "calibration", "oneway2_latency_us", "p50"),
+        "bare 2-thread relay p99 (us)": get(run, "calibration", "oneway2_latency_us", "p99"),
+        "targeted p99 / bare 2-thread relay p99": get(run, "ratios", "targeted_p99_vs_oneway2"),
         "server CPU per targeted msg (us)": None if cores is None else cores / rate * 1e6,
         "highest sustained rate (msg/s)": get(run, "sweep", "max_sustained_per_sec"),
         "user-space bytes per idle conn": get(run, "server", "bytes_per_conn"),
