@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use corepush::driver::{Runtime, UringFeatures};
+use corepush::driver::UringFeatures;
 use corepush::protocol::ClientSends;
 use corepush::Config;
 
@@ -104,11 +104,6 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = ClientSendsArg::Any)]
     pub client_sends: ClientSendsArg,
 
-    /// The event loop that runs the shards: corepush's own loop on io_uring,
-    /// or the glommio runtime (kept for comparison, see docs/decisions.md).
-    #[arg(long, value_enum, default_value_t = RuntimeArg::Uring)]
-    pub runtime: RuntimeArg,
-
     /// Microseconds a shard spins for new work before it sleeps (0: sleep
     /// at once). Can help on a dedicated host; on a shared one it costs CPU.
     #[arg(long, default_value_t = 0)]
@@ -159,12 +154,6 @@ pub struct Cli {
     /// defer-taskrun, coop-taskrun, msg-ring): for measuring what each buys.
     #[arg(long, value_delimiter = ',', hide = true)]
     pub uring_disable: Vec<UringFeature>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RuntimeArg {
-    Uring,
-    Glommio,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -238,10 +227,6 @@ impl Cli {
                 ClientSendsArg::Targeted => ClientSends::Targeted,
                 ClientSendsArg::None => ClientSends::None,
             },
-            runtime: match self.runtime {
-                RuntimeArg::Uring => Runtime::Uring,
-                RuntimeArg::Glommio => Runtime::Glommio,
-            },
             idle_poll: Duration::from_micros(self.idle_poll_us),
             uring,
             api_listen: self.api_listen.0,
@@ -277,8 +262,8 @@ mod tests {
             "3",
             "--idle-timeout-ms",
             "40",
-            "--runtime",
-            "glommio",
+            "--idle-poll-us",
+            "50",
             "--uring-disable",
             "msg-ring,defer-taskrun",
             "--cluster",
@@ -287,10 +272,14 @@ mod tests {
         .into_config();
         assert_eq!(c.shard_count(), 3);
         assert_eq!(c.idle_timeout, Duration::from_millis(40));
-        assert_eq!(c.runtime, Runtime::Glommio);
+        assert_eq!(c.idle_poll, Duration::from_micros(50));
         assert!(!c.uring.msg_ring && !c.uring.defer_taskrun && c.uring.single_issuer);
         assert_eq!(c.cluster.as_deref(), Some("redis://127.0.0.1:6379"));
         assert!(Cli::try_parse_from(["corepush", "--ping-interval-ms", "0"]).is_err());
+        assert!(
+            Cli::try_parse_from(["corepush", "--runtime", "uring"]).is_err(),
+            "--runtime is gone: there is one driver"
+        );
     }
 
     #[test]

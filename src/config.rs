@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::auth::Login;
-use crate::driver::{DriverOptions, Runtime, UringFeatures};
+use crate::driver::{DriverOptions, UringFeatures};
 use crate::protocol::ClientSends;
 use crate::session::{Limits, Rules};
 
@@ -61,8 +61,6 @@ pub struct Config {
     pub login_secret: Option<String>,
     /// What a logged-in client may send.
     pub client_sends: ClientSends,
-    /// The event loop that runs the shards.
-    pub runtime: Runtime,
     /// Spin this long for new work before a shard sleeps (0: never spin).
     pub idle_poll: Duration,
     /// io_uring features to use where the kernel has them.
@@ -115,7 +113,6 @@ impl Default for Config {
             inbox_capacity: 16 * 1024,
             login_secret: None,
             client_sends: ClientSends::Any,
-            runtime: Runtime::Uring,
             idle_poll: Duration::ZERO,
             uring: UringFeatures::default(),
             api_listen: Some(SocketAddr::from(([127, 0, 0, 1], 1235))),
@@ -206,7 +203,6 @@ mod tests {
         assert_eq!(c.backlog, 4096);
         assert_eq!(c.sweep_interval(), Duration::from_millis(500));
         assert_eq!(c.limits(), Limits::default());
-        assert_eq!(c.runtime, Runtime::Uring);
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub use server::{start, ServerHandle};
 #[doc(hidden)]
 pub mod internals {
     pub use crate::admission::Admission;
-    pub use crate::router::Router;
+    pub use crate::router::{InboxReceiver, PushError, Router, ShardMsg};
     pub use crate::session::{frame, handshake};
     pub use crate::session::{Action, CloseReason, Limits, Phase, Rules, Session};
     pub use crate::shard::slab::{Key, Slab};

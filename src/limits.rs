@@ -4,7 +4,7 @@
 use std::io;
 
 /// Descriptors kept for things other than connections: stdio, each shard's
-/// listener, io_uring rings, doorbells and eventfds, and some slack.
+/// listener, io_uring ring and eventfd, and some slack.
 pub fn reserved_fds(shards: usize) -> u64 {
     32 + 8 * shards as u64
 }

@@ -58,19 +58,31 @@ pub enum ShardMsg {
     /// To the uid's home: deliver `frame` to every connection of `uid`,
     /// and report how many to `ack`, if any.
     ToUid {
+        /// The recipient.
         uid: Arc<str>,
+        /// The encoded server frame, shared by every connection it goes to.
         frame: Frame,
+        /// The sender's shard; `None` from a thread that is not a shard.
         origin: Origin,
+        /// Where to report how many connections got it.
         ack: Option<Ack>,
     },
     /// To every shard: deliver `frame` to every logged-in connection.
     Broadcast {
+        /// The encoded server frame, shared by every connection it goes to.
         frame: Frame,
+        /// The sender's shard; `None` from a thread that is not a shard.
         origin: Origin,
+        /// Where to report how many connections got it.
         ack: Option<Ack>,
     },
     /// To the uid's home: report how many connections `uid` has.
-    Online { uid: Arc<str>, ack: Ack },
+    Online {
+        /// The uid asked about.
+        uid: Arc<str>,
+        /// Where to report the count.
+        ack: Ack,
+    },
     /// Stop accepting, close every connection with 1001, then stop.
     Shutdown,
 }
@@ -329,6 +341,7 @@ impl Router {
 }
 
 impl InboxReceiver {
+    /// The shard whose inbox this is.
     pub fn id(&self) -> ShardId {
         self.id
     }
@@ -337,10 +350,12 @@ impl InboxReceiver {
         &self.router.inboxes[self.id as usize]
     }
 
+    /// The next message, if one waits.
     pub fn try_recv(&self) -> Option<ShardMsg> {
         self.rx.try_recv().ok()
     }
 
+    /// Whether no message waits.
     pub fn is_empty(&self) -> bool {
         self.rx.is_empty()
     }

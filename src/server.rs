@@ -15,7 +15,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::admission::Admission;
 use crate::cluster::{self, Cluster};
 use crate::config::Config;
-use crate::driver::{glommio, uring, Runtime};
+use crate::driver::uring;
 use crate::limits::{self, FdLimit};
 use crate::push::Pusher;
 use crate::router::{InboxReceiver, Router, ShardId, ShardMsg};
@@ -168,31 +168,16 @@ impl ShardStart {
         if let Some(link) = self.cluster {
             shard.join_cluster(link);
         }
-        match self.config.runtime {
-            Runtime::Uring => match uring::Driver::new(&shard, self.listener, options) {
-                Ok(driver) => {
-                    let _ = ready.send(Ok(()));
-                    drop(ready);
-                    driver.run(shard)
-                }
-                Err(e) => {
-                    let _ = ready.send(Err(copy_error(&e)));
-                    Err(e)
-                }
-            },
-            // This thread becomes the shard's glommio executor, pinned (or
-            // not) above like a uring shard.
-            Runtime::Glommio => match glommio::executor(shard.id, &options) {
-                Ok(executor) => {
-                    let _ = ready.send(Ok(()));
-                    drop(ready);
-                    executor.run(glommio::run(shard, self.listener, options))
-                }
-                Err(e) => {
-                    let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
-                    Err(e)
-                }
-            },
+        match uring::Driver::new(&shard, self.listener, options) {
+            Ok(driver) => {
+                let _ = ready.send(Ok(()));
+                drop(ready);
+                driver.run(shard)
+            }
+            Err(e) => {
+                let _ = ready.send(Err(copy_error(&e)));
+                Err(e)
+            }
         }
     }
 }

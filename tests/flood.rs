@@ -36,7 +36,6 @@ fn start_server(extra: &[&str]) -> (ServerGuard, Addrs) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_corepush"))
         .args(["--listen", "127.0.0.1:0", "--shards", "2"])
         .args(["--api-listen", "127.0.0.1:0"]) // tests run side by side
-        .args(util::runtime_args())
         .args(extra)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

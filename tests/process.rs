@@ -29,7 +29,6 @@ impl ServerProcess {
         }
         // The API on a free port too: tests run side by side.
         cmd.args(["--api-listen", "127.0.0.1:0"])
-            .args(runtime_args())
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -143,7 +142,6 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_corepush"));
     cmd.args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
         .args(["--shards", "1"])
-        .args(runtime_args())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     // SAFETY: setrlimit between fork and exec.
@@ -366,7 +364,6 @@ fn help_documents_every_flag() {
         "--inbox-capacity",
         "--login-secret",
         "--client-sends",
-        "--runtime",
         "--idle-poll-us",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");

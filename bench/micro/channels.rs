@@ -1,175 +1,185 @@
-//! Cross-shard messaging between two glommio executors pinned to cores 0 and 1.
+//! Cross-shard messaging as src/router.rs does it, between two plain std
+//! threads pinned to cores 0 and 1 (no ring, no socket).
 //!
-//! (a) crossbeam-channel unbounded MPSC queue + a "doorbell" (a Unix socket
-//!     pair; the consumer awaits a read on it only when the queue is empty).
-//! (b) glommio's `channels::shared_channel` (bounded SPSC).
+//! A shard's inbox is a bounded crossbeam MPSC queue (`--inbox-capacity`,
+//! 16384 by default). A consumer that finds it empty declares itself asleep
+//! (`InboxReceiver::sleep`) and waits on its eventfd; a producer rings that
+//! eventfd only when it takes the wake-up (`Router::take_wakeup`), once per
+//! sleep, so a busy consumer is never woken. The bench uses the real
+//! `Router`, `InboxReceiver` and `ShardMsg` (through `corepush::internals`).
+//! What differs from a server: the consumer waits in poll(2) on its eventfd
+//! where a shard waits in io_uring_enter, and a producer always writes the
+//! eventfd where a shard producer rings with IORING_OP_MSG_RING from its
+//! own ring.
 //!
-//! Measures throughput, ping-pong round-trip latency with a sleeping peer,
-//! producer-side cost per send, whether (b) can be fed from a plain thread,
-//! and whether order between several producers is kept.
+//! Measures:
+//! - throughput of 10M small messages with the producer flat out, and the
+//!   producer's ns per send, for (a) `Router::send` per message, as the
+//!   HTTP API and the cluster bridge send (a full inbox: sleep 20 us, then
+//!   longer), and (b) `Router::push` with one `take_wakeup` per 64
+//!   messages, as a shard sends within one turn (a full inbox: try again
+//!   200 us later). The inbox is bounded, so a producer flat out soon
+//!   waits for room: its ns per send include that wait;
+//! - round trips between two inboxes with the peer asleep: p50/p99 of the
+//!   round trip, and the producer's cost of a send that rings a sleeper
+//!   against one that finds the peer awake (the cost of a wake);
+//! - order across 2 producers taking turns into one inbox: how many
+//!   messages arrive out of their causal order.
 //!
-//! Run with `cargo bench --bench channels`. Compare figures as ratios within
+//! Run with `cargo bench --bench channels` (optional section names as
+//! arguments: throughput pingpong order). Compare figures as ratios within
 //! one run: the machine is shared and noisy.
 
-use std::io::Write as _;
-use std::os::fd::IntoRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_lite::AsyncReadExt;
-use glommio::channels::shared_channel;
-use glommio::{LocalExecutorBuilder, Placement};
+use corepush::internals::{InboxReceiver, PushError, Router, ShardMsg};
 use hdrhistogram::Histogram;
-
-/// The message: 24 bytes, an `Arc<[u8]>` payload plus a sequence number.
-struct Msg {
-    payload: Arc<[u8]>,
-    seq: u64,
-}
 
 const THROUGHPUT_MSGS: u64 = 10_000_000;
 const PINGS: u64 = 100_000;
-const SPSC_CAPACITY: usize = 1024;
-/// Distinct payloads cycled by the producer, more than the SPSC capacity so
-/// producer (clone) and consumer (drop) rarely touch the same refcount.
+/// Messages a shard-like producer queues between two wake-up checks.
+const BATCH: u64 = 64;
+/// How long a shard whose messages do not fit waits before it tries again
+/// (the same constant in src/driver/uring.rs).
+const BACKED_UP_RETRY: Duration = Duration::from_micros(200);
+/// Distinct uids and frames cycled by the producer, so producer (clone)
+/// and consumer (drop) rarely touch the same refcount.
 const PAYLOADS: usize = 4096;
-/// Busy gap between two pings, longer than a wake-up, so the peer has surely
-/// gone back to sleep (glommio's receiver also wakes the sender's executor
-/// when it frees room, a wake-up that is still in flight a few us later).
+/// Busy gap between two pings. At 100 us the peer has surely gone back to
+/// sleep, so every ping must wake it; with no gap it sometimes has not.
 const PING_GAPS: [Duration; 2] = [Duration::ZERO, Duration::from_micros(100)];
 
-fn payloads() -> Arc<Vec<Arc<[u8]>>> {
-    Arc::new(
-        (0..PAYLOADS)
-            .map(|i| Arc::from(vec![i as u8; 100].into_boxed_slice()))
-            .collect(),
-    )
+fn capacity() -> usize {
+    corepush::Config::default().inbox_capacity
 }
 
-// ---------------------------------------------------------------- doorbell --
-
-/// Sending half of a crossbeam queue with a doorbell.
-#[derive(Clone)]
-struct BellTx {
-    tx: crossbeam_channel::Sender<Msg>,
-    armed: Arc<AtomicBool>,
-    bell: Arc<std::os::unix::net::UnixStream>,
+/// What a push for one uid carries: the uid and a shared 100-byte frame.
+struct Payloads {
+    uids: Vec<Arc<str>>,
+    frames: Vec<Arc<[u8]>>,
 }
 
-impl BellTx {
-    fn send(&self, m: Msg) {
-        self.tx.send(m).expect("consumer gone");
-        if self.armed.swap(false, Ordering::SeqCst) {
-            // WouldBlock means bytes are already pending: the consumer will wake.
-            let _ = (&*self.bell).write(&[1]);
-        }
-    }
-}
-
-/// Receiving half; the `UnixStream` half is turned into a glommio stream on
-/// the consumer's executor (see `BellRxRaw::attach`).
-struct BellRxRaw {
-    rx: crossbeam_channel::Receiver<Msg>,
-    armed: Arc<AtomicBool>,
-    bell: std::os::unix::net::UnixStream,
-}
-
-struct BellRx {
-    rx: crossbeam_channel::Receiver<Msg>,
-    armed: Arc<AtomicBool>,
-    bell: glommio::net::UnixStream,
-    buf: [u8; 64],
-}
-
-fn doorbell_channel() -> (BellTx, BellRxRaw) {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let (w, r) = std::os::unix::net::UnixStream::pair().unwrap();
-    w.set_nonblocking(true).unwrap();
-    r.set_nonblocking(true).unwrap();
-    let armed = Arc::new(AtomicBool::new(false));
-    (
-        BellTx {
-            tx,
-            armed: armed.clone(),
-            bell: Arc::new(w),
-        },
-        BellRxRaw { rx, armed, bell: r },
-    )
-}
-
-impl BellRxRaw {
-    /// Must be called on the consumer's executor.
-    fn attach(self) -> BellRx {
-        use std::os::fd::FromRawFd;
-        let fd = self.bell.into_raw_fd();
-        BellRx {
-            rx: self.rx,
-            armed: self.armed,
-            // SAFETY: we own `fd`, just released from the std stream.
-            bell: unsafe { glommio::net::UnixStream::from_raw_fd(fd) },
-            buf: [0; 64],
-        }
-    }
-}
-
-impl BellRx {
-    /// Drain everything available into `f`; sleep on the doorbell when empty.
-    /// Returns when `f` returns false.
-    async fn drain(&mut self, mut f: impl FnMut(Msg) -> bool) {
-        loop {
-            while let Ok(m) = self.rx.try_recv() {
-                if !f(m) {
-                    return;
-                }
-            }
-            self.armed.store(true, Ordering::SeqCst);
-            if !self.rx.is_empty() {
-                // A producer may already have swapped and rung: a stale byte
-                // only costs one spurious wake-up later.
-                self.armed.store(false, Ordering::SeqCst);
-                continue;
-            }
-            let n = self.bell.read(&mut self.buf).await.unwrap();
-            assert!(n > 0, "doorbell closed");
-        }
-    }
-
-    async fn recv(&mut self) -> Msg {
-        let mut out = None;
-        self.drain(|m| {
-            out = Some(m);
-            false
+impl Payloads {
+    fn new() -> Arc<Payloads> {
+        Arc::new(Payloads {
+            uids: (0..PAYLOADS).map(|i| Arc::from(format!("u{i}"))).collect(),
+            frames: (0..PAYLOADS)
+                .map(|i| Arc::from(vec![i as u8; 100].into_boxed_slice()))
+                .collect(),
         })
-        .await;
-        out.unwrap()
     }
+
+    fn msg(&self, i: u64) -> ShardMsg {
+        let i = i as usize % PAYLOADS;
+        ShardMsg::ToUid {
+            uid: self.uids[i].clone(),
+            frame: self.frames[i].clone(),
+            origin: Some(0),
+            ack: None,
+        }
+    }
+}
+
+/// A message whose frame is its sequence number.
+fn numbered(seq: u64) -> ShardMsg {
+    ShardMsg::ToUid {
+        uid: Arc::from("u"),
+        frame: Arc::from(&seq.to_le_bytes()[..]),
+        origin: None,
+        ack: None,
+    }
+}
+
+fn seq_of(msg: &ShardMsg) -> u64 {
+    match msg {
+        ShardMsg::ToUid { frame, .. } => u64::from_le_bytes(frame[..8].try_into().unwrap()),
+        _ => panic!("not a numbered message"),
+    }
+}
+
+// ---------------------------------------------------------------- the shard --
+
+/// What a shard does with its inbox, without the sockets: drain it; when it
+/// is empty, declare itself asleep and wait for the eventfd (a shard waits
+/// in io_uring_enter, where the eventfd's poll or a MSG_RING completes).
+/// Returns when `f` returns false, with how many times it slept.
+fn drain(rx: &InboxReceiver, mut f: impl FnMut(ShardMsg) -> bool) -> u64 {
+    let mut sleeps = 0;
+    loop {
+        while let Some(m) = rx.try_recv() {
+            if !f(m) {
+                return sleeps;
+            }
+        }
+        if rx.sleep() {
+            sleeps += 1;
+            wait_readable(rx.eventfd());
+            rx.clear_eventfd();
+            rx.awake();
+        }
+    }
+}
+
+fn recv(rx: &InboxReceiver) -> ShardMsg {
+    let mut out = None;
+    drain(rx, |m| {
+        out = Some(m);
+        false
+    });
+    out.unwrap()
+}
+
+fn wait_readable(fd: i32) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the duration of the call.
+    while unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {}
+}
+
+/// Queues `msg` for `to` as a shard does (no waiting), and rings `to` if
+/// this producer took its wake-up. True when it rang.
+fn push_and_ring(router: &Router, to: u16, msg: ShardMsg) -> bool {
+    router.push(to, msg).expect("room in the inbox");
+    ring_if_asleep(router, to)
+}
+
+fn ring_if_asleep(router: &Router, to: u16) -> bool {
+    let woke = router.take_wakeup(to);
+    if woke {
+        router.wake(to);
+    }
+    woke
 }
 
 // ---------------------------------------------------------------- helpers --
 
-fn on_core<T: Send + 'static, F>(
+/// Pins the calling thread to `core` (best effort).
+fn pin_to(core: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `core` is below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(core, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is this thread.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+}
+
+fn on_core<T: Send + 'static>(
     core: usize,
     name: &str,
-    f: impl FnOnce() -> F + Send + 'static,
-) -> glommio::ExecutorJoinHandle<T>
-where
-    F: std::future::Future<Output = T> + 'static,
-{
-    LocalExecutorBuilder::new(Placement::Fixed(core))
-        .name(name)
-        .spawn(f)
-        .expect("spawn executor")
-}
-
-struct Throughput {
-    msgs_per_s: f64,
-    producer_ns_per_send: f64,
-}
-
-struct PingPong {
-    rtt: Histogram<u64>,
-    send: Histogram<u64>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            pin_to(core);
+            f()
+        })
+        .expect("spawn thread")
 }
 
 fn spin(d: Duration) {
@@ -179,199 +189,131 @@ fn spin(d: Duration) {
     }
 }
 
-// ------------------------------------------------------------- throughput --
-
-fn throughput_doorbell() -> Throughput {
-    let (tx, rx) = doorbell_channel();
-    let pl = payloads();
-    let consumer = on_core(1, "cons", move || async move {
-        let mut rx = rx.attach();
-        let mut n = 0u64;
-        let mut sum = 0u64;
-        rx.drain(|m| {
-            std::hint::black_box(&m.payload);
-            sum = sum.wrapping_add(m.seq);
-            n += 1;
-            n < THROUGHPUT_MSGS
-        })
-        .await;
-        (Instant::now(), sum)
-    });
-    let producer = on_core(0, "prod", move || async move {
-        let t0 = Instant::now();
-        for i in 0..THROUGHPUT_MSGS {
-            tx.send(Msg {
-                payload: pl[i as usize % PAYLOADS].clone(),
-                seq: i,
-            });
-        }
-        (t0, t0.elapsed())
-    });
-    let (t0, prod) = producer.join().unwrap();
-    let (t1, sum) = consumer.join().unwrap();
-    assert_eq!(sum, THROUGHPUT_MSGS * (THROUGHPUT_MSGS - 1) / 2);
-    Throughput {
-        msgs_per_s: THROUGHPUT_MSGS as f64 / (t1 - t0).as_secs_f64(),
-        producer_ns_per_send: prod.as_nanos() as f64 / THROUGHPUT_MSGS as f64,
-    }
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 1_000_000_000, 3).unwrap()
 }
 
-fn throughput_shared() -> Throughput {
-    let (tx, rx) = shared_channel::new_bounded::<Msg>(SPSC_CAPACITY);
-    let pl = payloads();
-    let consumer = on_core(1, "cons", move || async move {
-        let rx = rx.connect().await;
-        let mut sum = 0u64;
-        for _ in 0..THROUGHPUT_MSGS {
-            sum = sum.wrapping_add(rx.recv().await.unwrap().seq);
-        }
-        (Instant::now(), sum)
+fn us(ns: u64) -> f64 {
+    ns as f64 / 1000.0
+}
+
+// ------------------------------------------------------------- throughput --
+
+struct Throughput {
+    msgs_per_s: f64,
+    producer_ns_per_send: f64,
+    consumer_sleeps: u64,
+}
+
+#[derive(Clone, Copy)]
+enum Producer {
+    /// `Router::send` per message: a thread that is not a shard.
+    Send,
+    /// `Router::push`, one `take_wakeup` per `BATCH`: a shard's turn.
+    ShardTurn,
+}
+
+fn throughput(how: Producer) -> Throughput {
+    let (router, mut rxs) = Router::new(1, capacity()).unwrap();
+    let rx = rxs.remove(0);
+    let pl = Payloads::new();
+    let consumer = on_core(1, "cons", move || {
+        let mut n = 0u64;
+        let sleeps = drain(&rx, |m| {
+            std::hint::black_box(&m);
+            n += 1;
+            n < THROUGHPUT_MSGS
+        });
+        (Instant::now(), n, sleeps)
     });
-    let producer = on_core(0, "prod", move || async move {
-        let tx = tx.connect().await;
+    let producer = on_core(0, "prod", move || {
         let t0 = Instant::now();
-        for i in 0..THROUGHPUT_MSGS {
-            let m = Msg {
-                payload: pl[i as usize % PAYLOADS].clone(),
-                seq: i,
-            };
-            if tx.send(m).await.is_err() {
-                panic!("consumer gone");
+        match how {
+            Producer::Send => {
+                for i in 0..THROUGHPUT_MSGS {
+                    router.send(0, pl.msg(i)).expect("consumer gone");
+                }
+            }
+            Producer::ShardTurn => {
+                for i in 0..THROUGHPUT_MSGS {
+                    let mut msg = pl.msg(i);
+                    // Full: a shard holds the message, stops reading its
+                    // sender, and tries again after at most BACKED_UP_RETRY.
+                    while let Err(PushError::Full(back)) = router.push(0, msg) {
+                        msg = back;
+                        ring_if_asleep(&router, 0);
+                        std::thread::sleep(BACKED_UP_RETRY);
+                    }
+                    if i % BATCH == BATCH - 1 {
+                        ring_if_asleep(&router, 0);
+                    }
+                }
+                ring_if_asleep(&router, 0);
             }
         }
         (t0, t0.elapsed())
     });
     let (t0, prod) = producer.join().unwrap();
-    let (t1, sum) = consumer.join().unwrap();
-    assert_eq!(sum, THROUGHPUT_MSGS * (THROUGHPUT_MSGS - 1) / 2);
+    let (t1, n, consumer_sleeps) = consumer.join().unwrap();
+    assert_eq!(n, THROUGHPUT_MSGS);
     Throughput {
         msgs_per_s: THROUGHPUT_MSGS as f64 / (t1 - t0).as_secs_f64(),
         producer_ns_per_send: prod.as_nanos() as f64 / THROUGHPUT_MSGS as f64,
+        consumer_sleeps,
     }
 }
 
 // -------------------------------------------------------------- ping-pong --
 
-fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 1_000_000_000, 3).unwrap()
+struct PingPong {
+    rtt: Histogram<u64>,
+    /// The pinger's send (push, take the wake-up, write the eventfd) when it
+    /// rang the echo thread awake, and when it found it awake.
+    send_woke: Histogram<u64>,
+    send_quiet: Histogram<u64>,
 }
 
-fn pingpong_doorbell(gap: Duration) -> PingPong {
-    let (ping_tx, ping_rx) = doorbell_channel();
-    let (pong_tx, pong_rx) = doorbell_channel();
-    let pl = payloads();
-    let pl2 = pl.clone();
-    let echo = on_core(1, "echo", move || async move {
-        let mut rx = ping_rx.attach();
-        for _ in 0..PINGS {
-            let m = rx.recv().await;
-            pong_tx.send(Msg {
-                payload: pl2[0].clone(),
-                seq: m.seq,
-            });
+/// Ping-pong between two inboxes of one router, as between two shards:
+/// shard 0's thread pings shard 1's, which answers at once.
+fn pingpong(gap: Duration) -> PingPong {
+    let (router, mut rxs) = Router::new(2, capacity()).unwrap();
+    let (echo_rx, ping_rx) = (rxs.pop().unwrap(), rxs.pop().unwrap());
+    let pl = Payloads::new();
+    let echo_router = router.clone();
+    let echo_pl = pl.clone();
+    let echo = on_core(1, "echo", move || {
+        for i in 0..PINGS {
+            let m = recv(&echo_rx);
+            std::hint::black_box(&m);
+            push_and_ring(&echo_router, 0, echo_pl.msg(i));
         }
     });
-    let pinger = on_core(0, "ping", move || async move {
-        let mut rx = pong_rx.attach();
-        let (mut rtt, mut send) = (hist(), hist());
+    let pinger = on_core(0, "ping", move || {
+        let (mut rtt, mut send_woke, mut send_quiet) = (hist(), hist(), hist());
         for i in 0..PINGS {
             spin(gap);
             let t0 = Instant::now();
-            ping_tx.send(Msg {
-                payload: pl[0].clone(),
-                seq: i,
-            });
+            let woke = push_and_ring(&router, 1, pl.msg(i));
             let t1 = Instant::now();
-            let m = rx.recv().await;
+            let m = recv(&ping_rx);
             let t2 = Instant::now();
-            assert_eq!(m.seq, i);
+            std::hint::black_box(&m);
+            let send = if woke {
+                &mut send_woke
+            } else {
+                &mut send_quiet
+            };
             send.record((t1 - t0).as_nanos() as u64).unwrap();
             rtt.record((t2 - t0).as_nanos() as u64).unwrap();
         }
-        PingPong { rtt, send }
+        PingPong {
+            rtt,
+            send_woke,
+            send_quiet,
+        }
     });
     echo.join().unwrap();
     pinger.join().unwrap()
-}
-
-fn pingpong_shared(gap: Duration) -> PingPong {
-    let (ping_tx, ping_rx) = shared_channel::new_bounded::<Msg>(SPSC_CAPACITY);
-    let (pong_tx, pong_rx) = shared_channel::new_bounded::<Msg>(SPSC_CAPACITY);
-    let pl = payloads();
-    let pl2 = pl.clone();
-    let echo = on_core(1, "echo", move || async move {
-        let rx = ping_rx.connect().await;
-        let tx = pong_tx.connect().await;
-        for _ in 0..PINGS {
-            let m = rx.recv().await.unwrap();
-            let r = Msg {
-                payload: pl2[0].clone(),
-                seq: m.seq,
-            };
-            if tx.try_send(r).is_err() {
-                panic!("pong channel full");
-            }
-        }
-    });
-    let pinger = on_core(0, "ping", move || async move {
-        let tx = ping_tx.connect().await;
-        let rx = pong_rx.connect().await;
-        let (mut rtt, mut send) = (hist(), hist());
-        for i in 0..PINGS {
-            spin(gap);
-            let t0 = Instant::now();
-            let r = tx.try_send(Msg {
-                payload: pl[0].clone(),
-                seq: i,
-            });
-            let t1 = Instant::now();
-            assert!(r.is_ok());
-            let m = rx.recv().await.unwrap();
-            let t2 = Instant::now();
-            assert_eq!(m.seq, i);
-            send.record((t1 - t0).as_nanos() as u64).unwrap();
-            rtt.record((t2 - t0).as_nanos() as u64).unwrap();
-        }
-        // Keep the receiver alive until the peer is done sending.
-        drop(rx);
-        PingPong { rtt, send }
-    });
-    let r = pinger.join().unwrap();
-    echo.join().unwrap();
-    r
-}
-
-// ------------------------------------------------------ plain-thread check --
-
-/// Can a plain (non-glommio) thread, e.g. an HTTP API or Redis bridge thread,
-/// feed a shard through `shared_channel`? Returns the outcome as text.
-fn shared_channel_from_plain_thread() -> String {
-    let (tx, rx) = shared_channel::new_bounded::<u64>(16);
-    let h = std::thread::spawn(move || {
-        let prev = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            futures_lite::future::block_on(async move {
-                let tx = tx.connect().await;
-                tx.try_send(1).is_ok()
-            })
-        }));
-        std::panic::set_hook(prev);
-        match r {
-            Ok(ok) => format!("connect() worked (try_send ok = {ok})"),
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| e.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "<non-string panic>".into());
-                format!("connect() panicked: \"{msg}\"")
-            }
-        }
-    });
-    let out = h.join().unwrap();
-    drop(rx);
-    out
 }
 
 // ---------------------------------------------------------- FIFO ordering --
@@ -379,8 +321,7 @@ fn shared_channel_from_plain_thread() -> String {
 const ORDER_MSGS: u64 = 100_000;
 
 /// Two producers take turns (a token passed through `turn`), so message k is
-/// causally sent before message k+1. Counts how many messages the consumer
-/// sees out of that order.
+/// causally sent before message k+1.
 fn wait_turn(turn: &AtomicU64, k: u64) {
     let mut spins = 0u32;
     while turn.load(Ordering::Acquire) != k {
@@ -393,120 +334,58 @@ fn wait_turn(turn: &AtomicU64, k: u64) {
     }
 }
 
-fn order_doorbell() -> u64 {
-    let (tx, rx) = doorbell_channel();
+/// Two plain threads send into one inbox with `Router::send`, taking turns;
+/// counts how many messages the consumer sees out of that order.
+fn order() -> u64 {
+    let (router, mut rxs) = Router::new(1, capacity()).unwrap();
+    let rx = rxs.remove(0);
     let turn = Arc::new(AtomicU64::new(0));
-    let pl = payloads();
     let mut producers = Vec::new();
     for p in 0..2u64 {
-        let (tx, turn, pl) = (tx.clone(), turn.clone(), pl.clone());
-        // Plain threads: crossbeam works from anywhere.
+        let (router, turn) = (router.clone(), turn.clone());
         producers.push(std::thread::spawn(move || {
             for k in (p..ORDER_MSGS).step_by(2) {
                 wait_turn(&turn, k);
-                tx.send(Msg {
-                    payload: pl[0].clone(),
-                    seq: k,
-                });
+                router.send(0, numbered(k)).expect("consumer gone");
                 turn.store(k + 1, Ordering::Release);
             }
         }));
     }
-    drop(tx);
-    let consumer = LocalExecutorBuilder::new(Placement::Unbound)
-        .spawn(move || async move {
-            let mut rx = rx.attach();
-            let (mut n, mut last, mut inversions) = (0u64, None::<u64>, 0u64);
-            rx.drain(|m| {
-                if last.is_some_and(|l| m.seq < l) {
-                    inversions += 1;
-                }
-                last = Some(last.map_or(m.seq, |l| l.max(m.seq)));
-                n += 1;
-                n < ORDER_MSGS
-            })
-            .await;
-            inversions
-        })
-        .unwrap();
+    let consumer = std::thread::spawn(move || {
+        let (mut n, mut last, mut inversions) = (0u64, None::<u64>, 0u64);
+        drain(&rx, |m| {
+            let seq = seq_of(&m);
+            if last.is_some_and(|l| seq < l) {
+                inversions += 1;
+            }
+            last = Some(last.map_or(seq, |l| l.max(seq)));
+            n += 1;
+            n < ORDER_MSGS
+        });
+        inversions
+    });
     for p in producers {
         p.join().unwrap();
     }
     consumer.join().unwrap()
 }
 
-fn order_mesh() -> u64 {
-    let turn = Arc::new(AtomicU64::new(0));
-    let mut receivers = Vec::new();
-    let mut producers = Vec::new();
-    for p in 0..2u64 {
-        let (tx, rx) = shared_channel::new_bounded::<u64>(ORDER_MSGS as usize);
-        receivers.push(rx);
-        let turn = turn.clone();
-        producers.push(on_core(p as usize, "prod", move || async move {
-            let tx = tx.connect().await;
-            for k in (p..ORDER_MSGS).step_by(2) {
-                wait_turn(&turn, k);
-                assert!(tx.try_send(k).is_ok());
-                turn.store(k + 1, Ordering::Release);
-            }
-            // Keep the channel open until the consumer is done.
-            glommio::timer::sleep(Duration::from_millis(200)).await;
-        }));
-    }
-    let consumer = LocalExecutorBuilder::new(Placement::Unbound)
-        .spawn(move || async move {
-            // Typical shard: one task per inbox, appending to a shared log.
-            let log = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
-            let mut tasks = Vec::new();
-            for rx in receivers {
-                let log = log.clone();
-                tasks.push(glommio::spawn_local(async move {
-                    let rx = rx.connect().await;
-                    for _ in 0..ORDER_MSGS / 2 {
-                        let k = rx.recv().await.unwrap();
-                        log.borrow_mut().push(k);
-                    }
-                }));
-            }
-            for t in tasks {
-                t.await;
-            }
-            let log = log.borrow();
-            let (mut last, mut inversions) = (None::<u64>, 0u64);
-            for &k in log.iter() {
-                if last.is_some_and(|l| k < l) {
-                    inversions += 1;
-                }
-                last = Some(last.map_or(k, |l| l.max(k)));
-            }
-            inversions
-        })
-        .unwrap();
-    let inv = consumer.join().unwrap();
-    for p in producers {
-        p.join().unwrap();
-    }
-    inv
-}
-
 // ------------------------------------------------------------------- main --
 
-fn us(ns: u64) -> f64 {
-    ns as f64 / 1000.0
-}
-
 fn main() {
-    // Optional section names as arguments: throughput pingpong order plain.
+    // Optional section names as arguments: throughput pingpong order.
     let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
     let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
-    println!("channels: cross-shard messaging, executors pinned to cores 0 -> 1");
     println!(
-        "message = {} bytes (Arc<[u8]> + u64); SPSC capacity {SPSC_CAPACITY}",
-        std::mem::size_of::<Msg>()
+        "channels: a shard's inbox (src/router.rs) between two threads pinned to cores 0 -> 1"
+    );
+    println!(
+        "message = ShardMsg::ToUid, {} bytes (Arc<str> uid + Arc<[u8]> frame); inbox capacity {}",
+        std::mem::size_of::<ShardMsg>(),
+        capacity()
     );
     println!();
 
@@ -518,12 +397,6 @@ fn main() {
     }
     if want("order") {
         order_table();
-    }
-    if want("plain") {
-        println!(
-            "shared_channel from a plain thread: {}",
-            shared_channel_from_plain_thread()
-        );
     }
 }
 
@@ -539,73 +412,83 @@ fn median_by(v: &mut [Throughput], f: impl Fn(&Throughput) -> f64) -> f64 {
 fn throughput_table() {
     let (mut ta, mut tb) = (Vec::new(), Vec::new());
     for _ in 0..THROUGHPUT_REPS {
-        ta.push(throughput_doorbell());
-        tb.push(throughput_shared());
+        ta.push(throughput(Producer::Send));
+        tb.push(throughput(Producer::ShardTurn));
     }
     println!(
         "throughput, {THROUGHPUT_MSGS} messages, producer flat out (median of {THROUGHPUT_REPS})"
     );
     println!(
-        "{:<34} {:>12} {:>16} {:>20}",
-        "", "Mmsg/s", "producer ns/send", "Mmsg/s of each rep"
+        "{:<40} {:>8} {:>16} {:>15} {:>20}",
+        "", "Mmsg/s", "producer ns/send", "consumer sleeps", "Mmsg/s of each rep"
     );
+    let b_name = format!("(b) Router::push, take_wakeup per {BATCH}");
     for (name, t) in [
-        ("(a) crossbeam unbounded + doorbell", &mut ta),
-        ("(b) glommio shared_channel", &mut tb),
+        ("(a) Router::send per message", &mut ta),
+        (b_name.as_str(), &mut tb),
     ] {
         let each: Vec<String> = t
             .iter()
             .map(|x| format!("{:.1}", x.msgs_per_s / 1e6))
             .collect();
         println!(
-            "{:<34} {:>12.2} {:>16.1} {:>20}",
+            "{:<40} {:>8.2} {:>16.1} {:>15.0} {:>20}",
             name,
             median_by(t, |x| x.msgs_per_s) / 1e6,
             median_by(t, |x| x.producer_ns_per_send),
+            median_by(t, |x| x.consumer_sleeps as f64),
             each.join(" ")
         );
     }
     println!();
 }
 
-fn pingpong_table() {
-    for gap in PING_GAPS {
-        let pa = pingpong_doorbell(gap);
-        let pb = pingpong_shared(gap);
-        println!("ping-pong, {PINGS} round trips, {gap:?} busy gap between round trips");
-        println!(
-            "{:<34} {:>9} {:>9} {:>9} {:>10} {:>10}",
-            "", "rtt p50", "rtt p99", "rtt max", "send p50", "send mean"
-        );
-        for (name, p) in [
-            ("(a) crossbeam unbounded + doorbell", &pa),
-            ("(b) glommio shared_channel", &pb),
-        ] {
-            println!(
-                "{:<34} {:>7.1}us {:>7.1}us {:>7.0}us {:>8.2}us {:>8.2}us",
-                name,
-                us(p.rtt.value_at_quantile(0.5)),
-                us(p.rtt.value_at_quantile(0.99)),
-                us(p.rtt.max()),
-                us(p.send.value_at_quantile(0.5)),
-                p.send.mean() / 1000.0
-            );
-        }
-        println!();
+/// A send percentile, or `-` when no send fell in that class.
+fn send_us(h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        "-".into()
+    } else {
+        format!("{:.2}us", us(h.value_at_quantile(0.5)))
     }
+}
+
+fn pingpong_table() {
+    println!("ping-pong between two inboxes, {PINGS} round trips each");
+    println!(
+        "{:<24} {:>9} {:>9} {:>9} {:>8} {:>15} {:>15}",
+        "busy gap between pings",
+        "rtt p50",
+        "rtt p99",
+        "rtt max",
+        "woke",
+        "send p50, woke",
+        "send p50, awake"
+    );
+    for gap in PING_GAPS {
+        let p = pingpong(gap);
+        let woke = p.send_woke.len() as f64 / PINGS as f64 * 100.0;
+        println!(
+            "{:<24} {:>7.1}us {:>7.1}us {:>7.0}us {:>6.2}% {:>15} {:>15}",
+            format!("{gap:?}"),
+            us(p.rtt.value_at_quantile(0.5)),
+            us(p.rtt.value_at_quantile(0.99)),
+            us(p.rtt.max()),
+            woke,
+            send_us(&p.send_woke),
+            send_us(&p.send_quiet)
+        );
+    }
+    println!("(woke: pings whose send rang the echo thread's eventfd; a send's cost is");
+    println!(" push + take_wakeup + the eventfd write when it rang)");
+    println!();
 }
 
 fn order_table() {
     println!("order across 2 producers taking turns ({ORDER_MSGS} messages, causal order)");
     println!(
-        "{:<34} {:>12}",
-        "(a) one crossbeam MPSC queue",
-        format!("{} out of order", order_doorbell())
-    );
-    println!(
-        "{:<34} {:>12}",
-        "(b) mesh of 2 shared_channels",
-        format!("{} out of order", order_mesh())
+        "{:<40} {:>12}",
+        "one inbox, Router::send from each",
+        format!("{} out of order", order())
     );
     println!();
 }

@@ -1,7 +1,10 @@
-//! Drivers: the event loops that run a [`Shard`](crate::shard::Shard).
+//! The driver: the event loop that runs a [`Shard`](crate::shard::Shard),
+//! [`uring`], the shard's own loop straight on io_uring (one ring per
+//! shard, on the shard's thread).
 //!
-//! A driver owns a shard's listener and its wait for events; it knows
-//! sockets and rings but not the protocol. Its contract with the shard:
+//! The driver owns a shard's listener, its ring and its wait for events;
+//! it knows sockets and rings but not the protocol. Its contract with the
+//! shard:
 //!
 //! - every accepted socket goes to [`Shard::accept`](crate::shard::Shard::accept);
 //!   the driver then reads it under the returned key until the shard says
@@ -12,33 +15,23 @@
 //! - the inbox is drained with `on_inbox` every turn, deadlines with `sweep`
 //!   at the sweep interval;
 //! - after each event the driver carries out [`Io`](crate::shard::Io)
-//!   requests from `take_io` and wakes the shards `take_wakeups` names;
+//!   requests from `take_io` and wakes the shards `take_wakeups` names:
+//!   with `IORING_OP_MSG_RING` from its own ring, or through the other
+//!   shard's eventfd where MSG_RING is off or missing;
+//! - it sleeps only after the shard has declared its inbox asleep
+//!   (`InboxReceiver::sleep`), and watches the shard's eventfd, which
+//!   threads that are not shards write to wake it;
 //! - the driver stops when `is_finished` (after a shutdown message), closing
 //!   nothing the shard has not asked it to close.
 //!
-//! Two drivers run the same shard: [`uring`], the shard's own loop straight
-//! on io_uring (the default), and [`glommio`], the glommio runtime the
-//! project started with, kept runnable while the two are compared
-//! (`--runtime glommio`, docs/decisions.md). They differ in how a socket
-//! is held: under `uring` the shard's descriptor is the only one; under
-//! `glommio` the connection's glommio stream holds a second descriptor of
-//! the same socket (its own, closed by the stream), so a connection costs
-//! two descriptors. Other shards wake a `uring` shard with MSG_RING, a
-//! `glommio` shard through its eventfd.
+//! The shard's descriptor is the only one a socket has: a connection costs
+//! one descriptor, as
+//! [`ServerHandle::connection_capacity`](crate::server::ServerHandle::connection_capacity)
+//! counts.
 
-pub(crate) mod glommio;
 pub(crate) mod uring;
 
 use std::time::Duration;
-
-/// Which event loop runs the shards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Runtime {
-    /// One io_uring per shard, driven by corepush's own loop.
-    Uring,
-    /// glommio executors, one task per connection.
-    Glommio,
-}
 
 /// io_uring features that can be switched off, to measure what each buys
 /// (`--uring-disable`). All are on by default where the kernel has them.
@@ -72,10 +65,8 @@ impl Default for UringFeatures {
 pub struct DriverOptions {
     /// How often the shard's deadlines are swept.
     pub sweep_every: Duration,
-    /// Spin this long for new work before sleeping (0: sleep at once);
-    /// glommio's spin before parking under the glommio driver.
+    /// Spin this long for new work before sleeping (0: sleep at once).
     pub idle_poll: Duration,
-    /// io_uring features to use where the kernel has them (the uring
-    /// driver only).
+    /// io_uring features to use where the kernel has them.
     pub features: UringFeatures,
 }

@@ -9,7 +9,6 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use corepush::driver::Runtime;
 use corepush::stats::{Counter, Snapshot};
 use corepush::{Config, ServerHandle};
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -19,26 +18,6 @@ pub type Ws = WebSocket<TcpStream>;
 
 /// How long a test waits for something that should happen at once.
 pub const PATIENCE: Duration = Duration::from_secs(10);
-
-/// The runtime the tests run servers on: `COREPUSH_TEST_RUNTIME=glommio`
-/// runs the whole suite on the glommio driver; unset (or `uring`), the
-/// default driver.
-pub fn test_runtime() -> Runtime {
-    match std::env::var("COREPUSH_TEST_RUNTIME").as_deref() {
-        Err(_) | Ok("" | "uring") => Runtime::Uring,
-        Ok("glommio") => Runtime::Glommio,
-        Ok(other) => panic!("COREPUSH_TEST_RUNTIME={other}: expected uring or glommio"),
-    }
-}
-
-/// The `corepush` flags that select [`test_runtime`], for tests that run the
-/// binary.
-pub fn runtime_args() -> &'static [&'static str] {
-    match test_runtime() {
-        Runtime::Uring => &["--runtime", "uring"],
-        Runtime::Glommio => &["--runtime", "glommio"],
-    }
-}
 
 /// A corepush server running in this process, stopped on drop.
 pub struct TestServer {
@@ -52,13 +31,11 @@ impl TestServer {
         TestServer::start_with(shards, |_| {})
     }
 
-    /// Same, with settings changed by `tweak`, on [`test_runtime`] unless
-    /// `tweak` picks one.
+    /// Same, with settings changed by `tweak`.
     pub fn start_with(shards: usize, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             shards,
-            runtime: test_runtime(),
             ..Config::default()
         };
         tweak(&mut config);
