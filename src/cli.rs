@@ -229,6 +229,7 @@ impl Cli {
             },
             idle_poll: Duration::from_micros(self.idle_poll_us),
             uring,
+            uring_sizes: Default::default(),
             api_listen: self.api_listen.0,
             api_token: self.api_token,
             api_insecure: self.api_insecure,

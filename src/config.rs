@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::auth::Login;
-use crate::driver::{DriverOptions, UringFeatures};
+use crate::driver::{DriverOptions, RingSizes, UringFeatures};
 use crate::protocol::ClientSends;
 use crate::session::{Limits, Rules};
 
@@ -65,6 +65,8 @@ pub struct Config {
     pub idle_poll: Duration,
     /// io_uring features to use where the kernel has them.
     pub uring: UringFeatures,
+    /// Sizes of each shard's ring and receive buffers.
+    pub uring_sizes: RingSizes,
     /// Address of the HTTP push API ([`crate::api`]); `None`: no API.
     pub api_listen: Option<SocketAddr>,
     /// When set, every API request must carry `Authorization: Bearer
@@ -115,6 +117,7 @@ impl Default for Config {
             client_sends: ClientSends::Any,
             idle_poll: Duration::ZERO,
             uring: UringFeatures::default(),
+            uring_sizes: RingSizes::default(),
             api_listen: Some(SocketAddr::from(([127, 0, 0, 1], 1235))),
             api_token: None,
             api_insecure: false,
@@ -187,6 +190,7 @@ impl Config {
             sweep_every: self.sweep_interval(),
             idle_poll: self.idle_poll,
             features: self.uring,
+            sizes: self.uring_sizes,
         }
     }
 }

@@ -69,4 +69,28 @@ pub struct DriverOptions {
     pub idle_poll: Duration,
     /// io_uring features to use where the kernel has them.
     pub features: UringFeatures,
+    /// How large each shard's ring and receive buffers are.
+    pub sizes: RingSizes,
+}
+
+/// How large a shard's io_uring and its receive buffers are. The defaults
+/// suit tens of thousands of connections per shard; tests shrink them to
+/// reach the ring's limits with a few hundred.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingSizes {
+    /// Submission queue entries (the completion queue is four times
+    /// larger); a power of two.
+    pub entries: u32,
+    /// Provided receive buffers of 4 KiB; a power of two. More sockets
+    /// with data at once than buffers is handled, only slower.
+    pub buffers: u16,
+}
+
+impl Default for RingSizes {
+    fn default() -> Self {
+        RingSizes {
+            entries: 4096,
+            buffers: 512,
+        }
+    }
 }

@@ -27,6 +27,7 @@
 //! generational key, so a completion for a connection that has gone (or
 //! whose slot was reused) finds no connection and is dropped.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -41,12 +42,9 @@ use crate::shard::slab::Key;
 use crate::shard::{Io, Shard};
 use crate::stats::Counter;
 
-/// Submission queue entries (the completion queue is four times larger).
-const SQ_ENTRIES: u32 = 4096;
-const CQ_ENTRIES: u32 = 4 * SQ_ENTRIES;
-/// Provided receive buffers per shard, and their size. 2 MiB per shard,
-/// touched at start so it is a fixed cost, not one that grows with load.
-const BUFFERS: u16 = 512;
+/// The size of a provided receive buffer. With the default 512 buffers
+/// (`RingSizes`), 2 MiB per shard, touched at start so it is a fixed cost,
+/// not one that grows with load.
 const BUFFER_SIZE: usize = 4096;
 const BUFFER_GROUP: u16 = 0;
 /// How soon a shard whose messages wait for room in another shard's inbox
@@ -86,6 +84,20 @@ pub struct Driver {
     batch: Vec<(u64, i32, u32)>,
     /// Shards to wake at the end of this turn, reused.
     wakes: Vec<crate::router::ShardId>,
+    /// Entries that did not fit in the submission queue, in order. The
+    /// kernel refuses new submissions (EBUSY) while completions it could
+    /// not post wait to be reaped, and reaping is the next turn's work: so
+    /// a turn that closes thousands of connections at once leaves the rest
+    /// here instead of retrying in place (which spun forever without
+    /// DEFER_TASKRUN, where completions are posted during the submit).
+    unsubmitted: VecDeque<squeue::Entry>,
+    /// Connections whose receive ended for want of a buffer (ENOBUFS: more
+    /// sockets had data than the shard has buffers, as when thousands of
+    /// clients close at once). Re-armed at once, each would fail again
+    /// until buffers came back, costing a submission and a completion per
+    /// connection per turn; they are re-armed a batch per turn instead,
+    /// once the turn's buffers are back.
+    starved: VecDeque<Key>,
 }
 
 /// Flags of `io_uring_enter` (linux/io_uring.h).
@@ -112,8 +124,8 @@ impl Driver {
     /// Sets up the shard's ring, its buffers and its accept, on the thread
     /// that will run it (SINGLE_ISSUER binds the ring to that thread).
     pub fn new(shard: &Shard, listener: OwnedFd, options: DriverOptions) -> io::Result<Driver> {
-        let ring = build_ring(&options.features)?;
-        let buffers = Buffers::new(&ring, BUFFERS, BUFFER_SIZE)?;
+        let ring = build_ring(&options.features, options.sizes.entries)?;
+        let buffers = Buffers::new(&ring, options.sizes.buffers, BUFFER_SIZE)?;
         let mut driver = Driver {
             ring,
             buffers,
@@ -125,6 +137,8 @@ impl Driver {
             options,
             batch: Vec::with_capacity(CQE_BATCH),
             wakes: Vec::new(),
+            unsubmitted: VecDeque::new(),
+            starved: VecDeque::new(),
         };
         driver.arm_accept();
         driver.arm_eventfd(shard.inbox().eventfd());
@@ -186,6 +200,7 @@ impl Driver {
             }
         }
         self.buffers.publish();
+        self.rearm_starved(shard, now);
     }
 
     fn dispatch(&mut self, shard: &mut Shard, data: u64, res: i32, flags: u32, now: u64) {
@@ -264,6 +279,20 @@ impl Driver {
             shard.on_error(key, now);
         }
         if !cqueue::more(flags) {
+            if res == -libc::ENOBUFS {
+                self.starved.push_back(key);
+            } else if let Some(fd) = shard.on_reads_ended(key, now) {
+                self.arm_recv(key, fd);
+            }
+        }
+    }
+
+    /// Re-arms up to half the shard's buffers' worth of connections that
+    /// ran out of buffers (their reads end here only now, so a connection
+    /// that closed or moved meanwhile is not armed again).
+    fn rearm_starved(&mut self, shard: &mut Shard, now: u64) {
+        let batch = self.starved.len().min(self.buffers.count as usize / 2);
+        for key in self.starved.drain(..batch).collect::<Vec<_>>() {
             if let Some(fd) = shard.on_reads_ended(key, now) {
                 self.arm_recv(key, fd);
             }
@@ -323,7 +352,10 @@ impl Driver {
         if !self.options.idle_poll.is_zero() && self.idle_poll(shard) {
             return Ok(());
         }
-        let sleeping = shard.inbox().sleep();
+        // Never sleep while entries wait for room in the submission queue
+        // or connections wait for buffers: the next turn has work.
+        let sleeping =
+            self.unsubmitted.is_empty() && self.starved.is_empty() && shard.inbox().sleep();
         let result = if sleeping {
             self.enter(1, Some(timeout))
         } else {
@@ -356,6 +388,7 @@ impl Driver {
     /// One `io_uring_enter`: submits every queued entry, runs completion
     /// work, and waits for `want` completions (at most `timeout`).
     fn enter(&mut self, want: u32, timeout: Option<Duration>) -> io::Result<()> {
+        self.refill();
         let to_submit = self.ring.submission().len() as u32;
         let submitter = self.ring.submitter();
         let result = match timeout {
@@ -397,24 +430,52 @@ impl Driver {
     fn finish(mut self, shard: &Shard) -> io::Result<()> {
         shard.inbox().set_ring_fd(-1);
         self.enter(0, None)?;
+        // The last closes, if they did not all fit: nothing is left to
+        // handle their completions, so they are only counted off.
+        while !self.unsubmitted.is_empty() {
+            self.ring.completion().for_each(drop);
+            self.enter(0, None)?;
+        }
         let _ = self.ring.submitter().unregister_buf_ring(BUFFER_GROUP);
         Ok(())
     }
 
     // ---- submission entries ----
 
+    /// Queues an entry; when the submission queue is full, hands it to the
+    /// kernel once and, if there is still no room, keeps the entry for a
+    /// later turn (`unsubmitted`), never waiting here.
     fn push(&mut self, entry: squeue::Entry) {
-        loop {
-            // SAFETY: no entry refers to memory: every one names a
-            // descriptor (kept open until its close entry is processed)
-            // or a buffer group whose memory outlives the ring.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+        if self.unsubmitted.is_empty() {
+            if self.try_push(&entry) {
                 return;
             }
-            // The queue is full: hand it to the kernel now.
-            if let Err(e) = self.ring.submit() {
-                warn!(error = %e, "io_uring submit failed");
+            match self.ring.submit() {
+                Ok(_) if self.try_push(&entry) => return,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => warn!(error = %e, "io_uring submit failed"),
             }
+        }
+        self.unsubmitted.push_back(entry);
+    }
+
+    fn try_push(&mut self, entry: &squeue::Entry) -> bool {
+        // SAFETY: no entry refers to memory: every one names a descriptor
+        // (kept open until its close entry is processed) or a buffer group
+        // whose memory outlives the ring.
+        unsafe { self.ring.submission().push(entry) }.is_ok()
+    }
+
+    /// Moves kept entries into the submission queue, in order, while they
+    /// fit.
+    fn refill(&mut self) {
+        while let Some(entry) = self.unsubmitted.front() {
+            let entry = entry.clone();
+            if !self.try_push(&entry) {
+                break;
+            }
+            self.unsubmitted.pop_front();
         }
     }
 
@@ -481,7 +542,7 @@ fn accept_failure(error: &io::Error) -> (Counter, u64) {
 /// Builds a ring with the best setup flags the kernel takes, falling back
 /// one step at a time: SINGLE_ISSUER + DEFER_TASKRUN, then COOP_TASKRUN,
 /// then none.
-fn build_ring(features: &UringFeatures) -> io::Result<IoUring> {
+fn build_ring(features: &UringFeatures, entries: u32) -> io::Result<IoUring> {
     let mut attempts: Vec<(bool, bool, bool)> = Vec::new();
     if features.single_issuer && features.defer_taskrun {
         attempts.push((true, true, false));
@@ -493,7 +554,7 @@ fn build_ring(features: &UringFeatures) -> io::Result<IoUring> {
     let mut last = None;
     for (single_issuer, defer_taskrun, coop_taskrun) in attempts {
         let mut builder = IoUring::builder();
-        builder.setup_cqsize(CQ_ENTRIES).setup_submit_all();
+        builder.setup_cqsize(4 * entries).setup_submit_all();
         if single_issuer {
             builder.setup_single_issuer();
         }
@@ -503,7 +564,7 @@ fn build_ring(features: &UringFeatures) -> io::Result<IoUring> {
         if coop_taskrun {
             builder.setup_coop_taskrun().setup_taskrun_flag();
         }
-        match builder.build(SQ_ENTRIES) {
+        match builder.build(entries) {
             Ok(ring) => return Ok(ring),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last = Some(e),
             Err(e) => return Err(e),

@@ -278,13 +278,21 @@ impl NodeProcess {
             .and_then(|rest| rest.split(' ').next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no address in {startup:?}"));
-        node.wait_line("cluster: link up");
+        // Start-up gets more patience than a delivery: with every test of
+        // the file starting nodes at once on a loaded 2-core host, a node
+        // once took over 10 s to link (a failure only if it never does).
+        node.wait_line_within("cluster: link up", 3 * PATIENCE);
         node
     }
 
     /// Waits for a stderr line containing `needle`.
     pub fn wait_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
+        self.wait_line_within(needle, PATIENCE)
+    }
+
+    /// Waits up to `patience` for a stderr line containing `needle`.
+    pub fn wait_line_within(&self, needle: &str, patience: Duration) -> String {
+        let deadline = Instant::now() + patience;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.contains(needle) => return line,
