@@ -91,12 +91,15 @@ pub struct Driver {
     /// here instead of retrying in place (which spun forever without
     /// DEFER_TASKRUN, where completions are posted during the submit).
     unsubmitted: VecDeque<squeue::Entry>,
-    /// Connections whose receive ended for want of a buffer (ENOBUFS: more
-    /// sockets had data than the shard has buffers, as when thousands of
-    /// clients close at once). Re-armed at once, each would fail again
-    /// until buffers came back, costing a submission and a completion per
-    /// connection per turn; they are re-armed a batch per turn instead,
-    /// once the turn's buffers are back.
+    /// Connections whose multishot receive ended while their socket may
+    /// still hold data: for want of a buffer (ENOBUFS: more sockets had
+    /// data than the shard has buffers), or because the completion queue
+    /// was full (the kernel then ends multishot requests). Re-armed at
+    /// once, each would post a completion at once and end again for the
+    /// same reason: with thousands of such sockets (19,000 clients closing
+    /// at once), a shard without DEFER_TASKRUN spent every turn re-arming
+    /// them and stopped answering. They are re-armed a batch per turn
+    /// instead (half the buffers), after the turn's buffers are back.
     starved: VecDeque<Key>,
 }
 
@@ -279,7 +282,7 @@ impl Driver {
             shard.on_error(key, now);
         }
         if !cqueue::more(flags) {
-            if res == -libc::ENOBUFS {
+            if res > 0 || res == -libc::ENOBUFS {
                 self.starved.push_back(key);
             } else if let Some(fd) = shard.on_reads_ended(key, now) {
                 self.arm_recv(key, fd);
@@ -287,9 +290,9 @@ impl Driver {
         }
     }
 
-    /// Re-arms up to half the shard's buffers' worth of connections that
-    /// ran out of buffers (their reads end here only now, so a connection
-    /// that closed or moved meanwhile is not armed again).
+    /// Re-arms up to half the shard's buffers' worth of the connections in
+    /// `starved` (their reads end here only now, so a connection that
+    /// closed or moved meanwhile is not armed again).
     fn rearm_starved(&mut self, shard: &mut Shard, now: u64) {
         let batch = self.starved.len().min(self.buffers.count as usize / 2);
         for key in self.starved.drain(..batch).collect::<Vec<_>>() {
