@@ -45,7 +45,7 @@ fn setups() -> [(&'static str, UringFeatures); 3] {
 /// answering when 19,000 flood clients closed at once (it re-armed every
 /// starved receive each turn and retried a full submission queue in
 /// place); that needed the flood's scale and did not reproduce here, so
-/// the flood run in docs/decisions.md ("io_uring features") is its check.
+/// the flood run in docs/decisions.md ("Shard loop") is its check.
 #[test]
 fn more_clients_speaking_at_once_than_buffers_are_all_answered() {
     const CLIENTS: usize = 600;
