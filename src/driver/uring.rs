@@ -294,8 +294,10 @@ impl Driver {
     /// `starved` (their reads end here only now, so a connection that
     /// closed or moved meanwhile is not armed again).
     fn rearm_starved(&mut self, shard: &mut Shard, now: u64) {
-        let batch = self.starved.len().min(self.buffers.count as usize / 2);
-        for key in self.starved.drain(..batch).collect::<Vec<_>>() {
+        for _ in 0..self.buffers.count / 2 {
+            let Some(key) = self.starved.pop_front() else {
+                break;
+            };
             if let Some(fd) = shard.on_reads_ended(key, now) {
                 self.arm_recv(key, fd);
             }
@@ -473,12 +475,11 @@ impl Driver {
     /// Moves kept entries into the submission queue, in order, while they
     /// fit.
     fn refill(&mut self) {
-        while let Some(entry) = self.unsubmitted.front() {
-            let entry = entry.clone();
+        while let Some(entry) = self.unsubmitted.pop_front() {
             if !self.try_push(&entry) {
+                self.unsubmitted.push_front(entry);
                 break;
             }
-            self.unsubmitted.pop_front();
         }
     }
 
