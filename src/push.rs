@@ -34,6 +34,14 @@ impl Kind {
             Kind::Binary => Opcode::Binary,
         }
     }
+
+    /// The kind of a client's data message (text unless binary).
+    pub(crate) fn of(opcode: Opcode) -> Kind {
+        match opcode {
+            Opcode::Binary => Kind::Binary,
+            _ => Kind::Text,
+        }
+    }
 }
 
 /// Pushes messages into the shards from any thread. Cheap to clone.

@@ -56,7 +56,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::error;
 
 use crate::push::{Kind, Pusher};
-use crate::session::frame::Opcode;
 
 /// The channel that carries broadcasts.
 pub const ALL_CHANNEL: &str = "corepush:all";
@@ -161,14 +160,6 @@ pub fn decode(bytes: &[u8]) -> Decoded<'_> {
         origin,
         kind,
         payload,
-    }
-}
-
-/// The kind of a client's data message.
-pub fn kind_of(opcode: Opcode) -> Kind {
-    match opcode {
-        Opcode::Binary => Kind::Binary,
-        _ => Kind::Text,
     }
 }
 

@@ -28,9 +28,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::admission::Admission;
-use crate::cluster::{self, Link, Topic};
+use crate::cluster::{Link, Topic};
 use crate::outbox::{Outbox, Wrote};
 use crate::protocol;
+use crate::push::Kind;
 use crate::router::{Arrival, InboxReceiver, Origin, PushError, Router, ShardId, ShardMsg};
 use crate::session::frame::{self, Frame, Opcode};
 use crate::session::{Action, CloseReason, Phase, Rules, Session};
@@ -129,6 +130,13 @@ impl Conn {
             paused: false,
             admitted,
         }
+    }
+
+    /// Whether its socket should be read: not while it moves to another
+    /// shard, waits for room in a full inbox, or its input has ended.
+    fn wants_reads(&self) -> bool {
+        let ended = matches!(self.session.phase(), Phase::Draining | Phase::Done);
+        !self.moving && !self.paused && !ended
     }
 }
 
@@ -386,8 +394,7 @@ impl Shard {
             self.ship(key, now);
             return None;
         }
-        let ended = matches!(conn.session.phase(), Phase::Draining | Phase::Done);
-        if ended || conn.paused {
+        if !conn.wants_reads() {
             return None;
         }
         conn.reads = Reads::On;
@@ -596,8 +603,7 @@ impl Shard {
             for key in std::mem::take(&mut self.paused) {
                 if let Some(conn) = self.conns.get_mut(key) {
                     conn.paused = false;
-                    let ended = matches!(conn.session.phase(), Phase::Draining | Phase::Done);
-                    if !ended && !conn.moving {
+                    if conn.wants_reads() {
                         self.read(key);
                     }
                 }
@@ -669,13 +675,13 @@ impl Shard {
                 payload,
             } => {
                 if let Some(link) = &self.cluster {
-                    link.publish(Topic::Uid(uid), cluster::kind_of(opcode), payload);
+                    link.publish(Topic::Uid(uid), Kind::of(opcode), payload);
                 }
                 self.send_to_uid(uid, frame::encode(opcode, payload))
             }
             Action::ToAll { opcode, payload } => {
                 if let Some(link) = &self.cluster {
-                    link.publish(Topic::All, cluster::kind_of(opcode), payload);
+                    link.publish(Topic::All, Kind::of(opcode), payload);
                 }
                 self.broadcast(frame::encode(opcode, payload))
             }
