@@ -16,7 +16,8 @@ use corepush::cluster::Snapshot as Bus;
 use corepush::stats::Counter;
 use corepush::Kind;
 use tungstenite::Message;
-use util::cluster::{NodeProcess, RedisServer, Resp, Value};
+use util::cluster::{start_node, RedisServer, Resp, Value};
+use util::process::ServerProcess;
 use util::*;
 
 /// A Redis and `n` in-process nodes of two shards each, linked.
@@ -414,8 +415,8 @@ fn nodes_reconnect_and_resubscribe_after_redis_restarts() {
 fn a_killed_node_loses_only_its_own_connections() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let mut nodes: Vec<NodeProcess> = (0..3)
-        .map(|_| NodeProcess::start(&url, &["--shards", "1"]))
+    let mut nodes: Vec<ServerProcess> = (0..3)
+        .map(|_| start_node(&url, &["--shards", "1"]))
         .collect();
     let mut a = login(nodes[0].addr, "a");
     let mut b = login(nodes[1].addr, "b");

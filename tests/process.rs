@@ -4,118 +4,45 @@
 mod util;
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use util::process::ServerProcess;
 use util::*;
 
-/// The server binary in a child process, killed on drop; its stderr lines
-/// arrive on a channel.
-struct ServerProcess {
-    child: Child,
-    lines: Receiver<String>,
-    addr: SocketAddr,
-    startup: String,
-}
-
-impl ServerProcess {
-    fn start(args: &[&str], fd_limit: Option<u64>) -> ServerProcess {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_corepush"));
-        if !args.contains(&"--listen") {
-            cmd.args(["--listen", "127.0.0.1:0"]);
-        }
-        // The API on a free port too: tests run side by side.
-        cmd.args(["--api-listen", "127.0.0.1:0"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if let Some(limit) = fd_limit {
-            // SAFETY: setrlimit is async-signal-safe; it runs in the child
-            // between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let lim = libc::rlimit {
-                        rlim_cur: limit,
-                        rlim_max: limit,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut child = cmd.spawn().expect("spawn corepush");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
+/// Starts the server binary with `args` (on free ports unless `--listen`
+/// is given), with its open-file limit lowered to `fd_limit` if set.
+fn start(args: &[&str], fd_limit: Option<u64>) -> ServerProcess {
+    let mut cmd = ServerProcess::command(&[]);
+    if !args.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    // The API on a free port too: tests run side by side.
+    cmd.args(["--api-listen", "127.0.0.1:0"]).args(args);
+    if let Some(limit) = fd_limit {
+        // SAFETY: setrlimit is async-signal-safe; it runs in the child
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
-            }
-        });
-        let startup = lines
-            .recv_timeout(PATIENCE)
-            .expect("a startup line on stderr");
-        let addr = startup
-            .split("listening on ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {startup:?}"));
-        ServerProcess {
-            child,
-            lines,
-            addr,
-            startup,
+                Ok(())
+            });
         }
     }
-
-    /// Waits for a stderr line containing `needle`.
-    fn wait_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(_) => break,
-            }
-        }
-        panic!("no stderr line with {needle:?}");
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the server did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    ServerProcess::spawn(cmd)
 }
 
 #[test]
 fn startup_line_says_address_shards_and_capacity() {
-    let server = ServerProcess::start(&["--shards", "2"], None);
+    let server = start(&["--shards", "2"], None);
     let line = &server.startup;
     assert!(
         line.contains(&format!("listening on {} with 2 shards", server.addr)),
@@ -170,7 +97,7 @@ fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
 
 #[test]
 fn sigterm_closes_clients_with_1001_and_exits_zero() {
-    let mut server = ServerProcess::start(&["--shards", "2"], None);
+    let mut server = start(&["--shards", "2"], None);
     let mut clients: Vec<Ws> = (0..6)
         .map(|i| login(server.addr, &format!("term-{i}")))
         .collect();
@@ -185,7 +112,7 @@ fn sigterm_closes_clients_with_1001_and_exits_zero() {
 #[test]
 fn out_of_descriptors_keeps_serving_and_resumes_accepting() {
     // A hard limit of 96 leaves room for a few dozen connections.
-    let server = ServerProcess::start(&["--shards", "1"], Some(96));
+    let server = start(&["--shards", "1"], Some(96));
     // Log in while there is room, until accepting stalls.
     let mut clients = Vec::new();
     let mut pending: Vec<TcpStream> = Vec::new();
@@ -245,7 +172,7 @@ fn free_port() -> u16 {
 fn a_second_server_on_a_served_address_refuses_to_start() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let first = ServerProcess::start(&["--listen", &listen, "--shards", "2"], None);
+    let first = start(&["--listen", &listen, "--shards", "2"], None);
     let second = Command::new(env!("CARGO_BIN_EXE_corepush"))
         .args(["--listen", &listen, "--shards", "2", "--api-listen", "off"])
         .output()

@@ -3,11 +3,11 @@
 //! and nodes of the real binary as child processes.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
 
+use super::process::ServerProcess;
 use super::PATIENCE;
 
 const REDIS_SERVER: &str = "redis-server";
@@ -231,91 +231,22 @@ impl Resp {
     }
 }
 
-/// A corepush node: the real binary in a child process, killed on drop.
-pub struct NodeProcess {
-    child: Child,
-    lines: Receiver<String>,
-    pub addr: SocketAddr,
-}
-
-impl NodeProcess {
-    /// Starts `corepush --cluster url` on a free port and waits until its
-    /// link to the bus is up.
-    pub fn start(url: &str, args: &[&str]) -> NodeProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_corepush"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--api-listen",
-                "off",
-                "--cluster",
-                url,
-            ])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn corepush");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut node = NodeProcess {
-            child,
-            lines,
-            addr: "127.0.0.1:0".parse().unwrap(),
-        };
-        let startup = node.wait_line("listening on");
-        node.addr = startup
-            .split("listening on ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {startup:?}"));
-        // Start-up gets more patience than a delivery: with every test of
-        // the file starting nodes at once on a loaded 2-core host, a node
-        // once took over 10 s to link (a failure only if it never does).
-        node.wait_line_within("cluster: link up", 3 * PATIENCE);
-        node
-    }
-
-    /// Waits for a stderr line containing `needle`.
-    pub fn wait_line(&self, needle: &str) -> String {
-        self.wait_line_within(needle, PATIENCE)
-    }
-
-    /// Waits up to `patience` for a stderr line containing `needle`.
-    pub fn wait_line_within(&self, needle: &str, patience: Duration) -> String {
-        let deadline = Instant::now() + patience;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(_) => break,
-            }
-        }
-        panic!("no stderr line with {needle:?}");
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGKILL: the node gets no chance to say goodbye.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Starts a corepush node, `corepush --cluster url`, in a child process on
+/// a free port, and waits until its link to the bus is up.
+pub fn start_node(url: &str, args: &[&str]) -> ServerProcess {
+    let mut cmd = ServerProcess::command(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "off",
+        "--cluster",
+        url,
+    ]);
+    cmd.args(args);
+    let node = ServerProcess::spawn(cmd);
+    // Start-up gets more patience than a delivery: with every test of
+    // the file starting nodes at once on a loaded 2-core host, a node
+    // once took over 10 s to link (a failure only if it never does).
+    node.wait_line_within("cluster: link up", 3 * PATIENCE);
+    node
 }

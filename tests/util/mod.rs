@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod http;
+pub mod process;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
