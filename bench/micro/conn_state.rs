@@ -34,7 +34,6 @@
 //! Run with `cargo bench --bench conn_state`.
 
 use std::alloc::{GlobalAlloc, Layout};
-use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt::Write as _;
 use std::io::{ErrorKind, Read, Write};
@@ -45,6 +44,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "child.rs"]
+mod child;
+use child::{run_child, Figures};
 
 use corepush::internals::{Admission, Conn, Io, Key, Router, Shard, ShardSettings, Slab, UidTable};
 use corepush::limits;
@@ -668,37 +671,16 @@ fn child_tables(m: usize) -> String {
 
 // ------------------------------------------------------------------ parent --
 
-type Figures = HashMap<String, f64>;
-
-fn run_child(args: &[&str]) -> Figures {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .arg("child")
-        .args(args)
-        // mimalloc asks for transparent huge pages by default, so RSS would
-        // move in 2 MiB steps: more than all the connections here hold.
-        // Without them RSS moves by 4 KiB pages; the heap is the same.
-        .env("MIMALLOC_ALLOW_THP", "0")
-        .output()
-        .expect("run child");
-    assert!(
-        out.status.success(),
-        "child {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
-        .collect()
-}
-
 const RUNS: usize = 3;
 
 /// Runs a child `RUNS` times; every figure is the median of its runs (0
 /// where a run does not have it).
 fn run_median(args: &[&str]) -> Figures {
-    let runs: Vec<Figures> = (0..RUNS).map(|_| run_child(args)).collect();
+    // mimalloc asks for transparent huge pages by default, so RSS would move
+    // in 2 MiB steps: more than all the connections here hold. Without them
+    // RSS moves by 4 KiB pages; the heap is the same.
+    let no_thp = [("MIMALLOC_ALLOW_THP", "0")];
+    let runs: Vec<Figures> = (0..RUNS).map(|_| run_child(args, &no_thp)).collect();
     let mut keys: Vec<&String> = runs.iter().flat_map(|r| r.keys()).collect();
     keys.sort();
     keys.dedup();

@@ -29,9 +29,12 @@ use std::mem::size_of;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
+use child::{run_child, Figures};
 use corepush::internals::{Conn, Key, Slab};
 use slotmap::{DefaultKey, DenseSlotMap, Key as _, KeyData, SlotMap};
 
+#[path = "child.rs"]
+mod child;
 #[path = "counting.rs"]
 mod counting;
 use counting::live;
@@ -379,26 +382,6 @@ fn child_of(payload: &str, table: &str) -> String {
 
 // ------------------------------------------------------------------ parent --
 
-type Figures = HashMap<String, f64>;
-
-fn run_child(payload: &str, table: &str) -> Figures {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["child", payload, table])
-        .output()
-        .expect("run child");
-    assert!(
-        out.status.success(),
-        "child {payload} {table} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
-        .collect()
-}
-
 const RUNS: usize = 3;
 
 const TABLES: [(&str, &str); 5] = [
@@ -440,7 +423,7 @@ fn main() {
             for (table, _) in TABLES {
                 runs.entry((payload, table))
                     .or_default()
-                    .push(run_child(payload, table));
+                    .push(run_child(&[payload, table], &[]));
             }
         }
     }

@@ -19,6 +19,9 @@ use tungstenite::protocol::frame::{Frame, Utf8Bytes};
 use tungstenite::protocol::{Role, WebSocket, WebSocketConfig};
 use tungstenite::{Bytes, Message};
 
+#[path = "child.rs"]
+mod child;
+use child::run_child;
 #[path = "counting.rs"]
 mod counting;
 use counting::live;
@@ -163,24 +166,6 @@ fn child(cfg_name: &str) {
     );
 }
 
-fn run_child(cfg: &str) -> std::collections::HashMap<String, f64> {
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["child", cfg])
-        .output()
-        .expect("run child");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
-        .collect()
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("child") {
@@ -194,8 +179,8 @@ fn main() {
         "size_of::<WebSocket<MemStream>>() = {} bytes (inline part, counted below)",
         std::mem::size_of::<WebSocket<MemStream>>()
     );
-    let d = run_child("default");
-    let k = run_child("4k");
+    let d = run_child(&["default"], &[]);
+    let k = run_child(&["4k"], &[]);
     println!();
     println!("memory per connection after reading one small message");
     println!("{:<30} {:>14} {:>14}", "", "live heap B", "RSS delta B");
