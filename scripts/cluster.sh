@@ -135,18 +135,20 @@ if [ -n "${CLUSTER_FLOOD:-}" ]; then
     start=$(date +%s.%N)
     echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(nproc) cores, $(uname -r)" >&2
     # Each node's memory per connection: its RSS before the flood, then
-    # (sampled twice a second) its RSS and connection count from /stats.
+    # (every 2 s, with no process heavier than curl and grep, since the
+    # sampler shares the cores with what it measures) its RSS and its
+    # connection count from /stats.
     rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
     samples="$logs/node-samples"
     for i in "${!pids[@]}"; do
         echo "base $i $(rss_kb "${pids[$i]}")"
     done >"$samples"
     (
-        while sleep 0.5; do
+        while sleep 2; do
             for i in "${!pids[@]}"; do
                 conns=$(curl -s --max-time 1 "http://${apis[$i]}/stats" |
-                    python3 -c 'import json,sys; print(json.load(sys.stdin)["total"]["connections"])' 2>/dev/null) || continue
-                echo "at $i $conns $(rss_kb "${pids[$i]}")"
+                    grep -o '"total": *{[^}]*}' | grep -o '"connections": *[0-9]*' | tr -dc 0-9) || continue
+                [ -n "$conns" ] && echo "at $i $conns $(rss_kb "${pids[$i]}")"
             done
         done >>"$samples"
     ) &
