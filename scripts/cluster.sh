@@ -20,6 +20,8 @@
 # docs/benchmarks.md is `CLUSTER_FLOOD="..." scripts/cluster.sh 6 ...`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 N="${1:-3}"
 shift || true
@@ -66,11 +68,7 @@ stop_all() {
         kill -TERM "$pid" 2>/dev/null || true
     done
     for pid in "${pids[@]}" $redis_pid; do
-        for _ in $(seq 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$pid" 2>/dev/null || true
+        stop_process "$pid" 5 || true
         wait "$pid" 2>/dev/null || true
     done
     echo "== stopped; logs in $logs" >&2
@@ -103,20 +101,7 @@ for i in $(seq 0 $((N - 1))); do
     pids+=($!)
     addrs+=("127.0.0.1:$port")
     apis+=("127.0.0.1:$api")
-    for _ in $(seq 100); do
-        grep -q "cluster: link up" "$logs/node-$i.log" && break
-        if ! kill -0 "${pids[$i]}" 2>/dev/null; then
-            echo "cluster.sh: node $i exited; its log:" >&2
-            cat "$logs/node-$i.log" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
-    grep -q "cluster: link up" "$logs/node-$i.log" || {
-        echo "cluster.sh: node $i did not link to $url; its log:" >&2
-        cat "$logs/node-$i.log" >&2
-        exit 1
-    }
+    wait_for_line "$logs/node-$i.log" "${pids[$i]}" "cluster: link up" "node $i"
 done
 
 echo "redis    127.0.0.1:$redis_port  pid $redis_pid"

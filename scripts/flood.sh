@@ -20,6 +20,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 PORT="${FLOOD_PORT:-1234}"
 API_PORT="${FLOOD_API_PORT:-1235}"
@@ -91,28 +93,13 @@ log=$(mktemp /tmp/corepush-server.XXXXXX.log)
     --shards "$SHARDS" $SERVER_FLAGS 2>"$log" &
 server=$!
 stop_server() {
-    if kill -0 "$server" 2>/dev/null; then
-        kill -TERM "$server" 2>/dev/null || true
-        for _ in $(seq 50); do
-            kill -0 "$server" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$server" 2>/dev/null || true
-    fi
+    stop_process "$server" 5 || true
     wait "$server" 2>/dev/null || true
 }
 trap stop_server EXIT
 
-for _ in $(seq 100); do
-    grep -q "listening on" "$log" && break
-    if ! kill -0 "$server" 2>/dev/null; then
-        echo "flood.sh: server exited; its log:" >&2
-        cat "$log" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
-grep "listening on" "$log" >&2 || { echo "flood.sh: server did not start" >&2; cat "$log" >&2; exit 1; }
+wait_for_line "$log" "$server" "listening on" server
+grep "listening on" "$log" >&2
 
 echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(nproc) cores, $(uname -r), $(free -g | awk '/Mem:/{print $2}') GiB" >&2
 set +e

@@ -33,6 +33,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 PORT="${SOAK_PORT:-1236}"
 API_PORT="${SOAK_API_PORT:-1237}"
@@ -81,32 +83,16 @@ server_rc=0
 stop_server() {
     [ "$stopped" = 1 ] && return
     stopped=1
-    if kill -0 "$server" 2>/dev/null; then
-        kill -TERM "$server" 2>/dev/null || true
-        for _ in $(seq 100); do
-            kill -0 "$server" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$server" 2>/dev/null; then
-            echo "soak.sh: the server did not stop within 10 s of SIGTERM; killing it" >&2
-            kill -KILL "$server" 2>/dev/null || true
-            server_rc=1
-        fi
+    if ! stop_process "$server" 10; then
+        echo "soak.sh: the server did not stop within 10 s of SIGTERM; killed it" >&2
+        server_rc=1
     fi
     wait "$server" 2>/dev/null || server_rc=$?
 }
 trap 'stop_server; rm -f "$log"' EXIT
 
-for _ in $(seq 100); do
-    grep -q "api listening on" "$log" && break
-    if ! kill -0 "$server" 2>/dev/null; then
-        echo "soak.sh: server exited; its log:" >&2
-        cat "$log" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
-grep "listening on" "$log" >&2 || { echo "soak.sh: server did not start" >&2; cat "$log" >&2; exit 1; }
+wait_for_line "$log" "$server" "api listening on" server
+grep "listening on" "$log" >&2
 
 echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC'), $(nproc) cores, $(uname -r), $(free -g | awk '/Mem:/{print $2}') GiB, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" >&2
 # shellcheck disable=SC2086
