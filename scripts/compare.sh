@@ -25,6 +25,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 ROUNDS="${1:-3}"
 N="${2:-19000}"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
@@ -62,9 +64,7 @@ run_one() {
         --sweep --sweep-secs 5 --no-hgrm --json $FLOOD_FLAGS \
         >"$OUT/$name-$round.txt" 2>/dev/null || true
     tail -n 1 "$OUT/$name-$round.txt" >"$OUT/$name-$round.json"
-    kill -TERM "$server" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$server" 2>/dev/null || true
+    stop_process "$server" 5 || true
     wait "$server" 2>/dev/null || true
     echo "== $(date -u +%H:%M:%S) $name round $round done" >&2
 }
